@@ -1,0 +1,57 @@
+"""Grouped linear for MoE experts: rows sorted by expert, one matrix product per expert, one launch.
+
+`grouped_linear(x, weight, counts)` computes `x[rows of e] @ weight[e].T` for every expert e, where
+the rows of x are sorted by expert and `counts[e]` rows belong to e. Weights keep the Linear layout
+[E, out, in] (the layout transformers and PEFT use for stacked experts).
+
+Paths:
+- CUDA, Hopper or newer, bf16, dims multiple of 8: `torch._grouped_mm` (CUTLASS grouped GEMM,
+  forward and backward), no host synchronisation.
+- Elsewhere (CPU, float32/64 checks, older GPUs): `grouped_linear_reference`, a padded batched
+  matmul: tokens are scattered into an [E, capacity, in] buffer and multiplied with one `bmm`. It
+  costs one host sync per call (for the capacity), never one per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _group_positions(counts: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sorted rows: the expert of each row and its rank inside that expert's block."""
+    experts = torch.arange(counts.numel(), device=counts.device)
+    group = torch.repeat_interleave(experts, counts, output_size=rows)  # [N]
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    rank = torch.arange(rows, device=counts.device) - starts[group]  # [N]
+    return group, rank
+
+
+def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by expert, weight [E, out, in], counts [E] -> [N, out]."""
+    rows = x.shape[0]
+    if rows == 0:
+        return x.new_zeros(0, weight.shape[1])
+    group, rank = _group_positions(counts, rows)
+    capacity = int(counts.max())
+    padded = x.new_zeros(weight.shape[0], capacity, x.shape[1])  # [E, C, in]
+    padded = padded.index_put((group, rank), x)
+    out = torch.bmm(padded, weight.transpose(1, 2))  # [E, C, out]
+    return out[group, rank]
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by expert, weight [E, out, in], counts [E] -> [N, out]."""
+    if _use_grouped_mm(x, weight):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    return grouped_linear_reference(x, weight, counts)

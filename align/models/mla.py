@@ -1,0 +1,90 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1), training / prefill path.
+
+Per token: query (optionally through a low-rank q_a/q_b pair), a compressed KV latent c of rank
+`kv_lora_rank` plus one shared rotary key k_pe of `qk_rope_head_dim`. Keys and values are
+decompressed from c through `kv_b_proj`; the decode path (absorbed form, latent cache) lives in
+align/generation and reuses these weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from align.models.norm import RMSNorm
+from align.models.rope import apply_rope, softmax_scale
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """A new document starts wherever the position does not grow by one. [B, S] -> [B, S]."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.cumsum(-1)
+
+
+def attention_mask_for(
+    doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, seq: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [B, 1, S, S] mask: causal, within a document, keys not padding. None = plain causal."""
+    if doc_ids is None and key_valid is None:
+        return None
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()  # [S, S]
+    allowed = causal[None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, S, S]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].bool()
+        allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)  # padding rows see themselves
+    return allowed[:, None]
+
+
+class MLA(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.q_rank = config.q_lora_rank
+        self.interleaved = getattr(config, "rope_interleave", True) is not False
+        self.scale = softmax_scale(config)
+        hidden, qk_dim, bias = config.hidden_size, self.nope_dim + self.rope_dim, config.attention_bias
+        if self.q_rank is None:
+            self.q_proj = nn.Linear(hidden, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_rank)
+            self.q_b_proj = nn.Linear(self.q_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, hidden, bias=bias)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> q_nope [B, S, h, nope], q_pe [B, S, h, rope] (rotated)."""
+        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, h, qk]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleaved)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> normalised latent c [B, S, kv_rank], rotated shared key k_pe [B, S, rope]."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin, self.interleaved)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]; mask as from attention_mask_for (None = causal)."""
+        batch, seq = x.shape[:2]
+        q_nope, q_pe = self.query(x, cos, sin)
+        c, k_pe = self.latent(x, cos, sin)
+        kv = self.kv_b_proj(c).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)  # [B, S, h, nope+v]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
+        k_pe = k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)  # [B, S, h, rope]
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
+        out = F.scaled_dot_product_attention(
+            q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None, scale=self.scale
+        )  # [B, h, S, v]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))

@@ -1,0 +1,187 @@
+"""DeepSeek-V2 / V3 decoder as a transformers PreTrainedModel (so PEFT, accelerate and TRL accept it).
+
+Parameter names follow transformers' own DeepSeek-V2 implementation (routed experts stacked as
+`mlp.experts.gate_up_proj` / `mlp.experts.down_proj`); align/models/checkpoint.py converts to and
+from the per-expert hub layout on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from align.models.checkpoint import load_model, save_model
+from align.models.config import is_moe_layer
+from align.models.mla import MLA, attention_mask_for, document_ids
+from align.models.moe import MLP, MoE, Experts, Gate
+from align.models.norm import RMSNorm
+from align.models.rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config)
+        self.is_moe = is_moe_layer(config, layer_idx)
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, token_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, aux = self.mlp(h, token_mask)
+        else:
+            h, aux = self.mlp(h), None
+        return x + h, aux
+
+
+class DeepseekV2PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, Gate):
+            module.weight.normal_(0.0, std)
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.zero_()
+        elif isinstance(module, Experts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Random initialisation of every weight in place (used after building on the meta device)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        for module in self.modules():
+            self._init_weights(module)
+
+
+class DeepseekV2Model(DeepseekV2PreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
+
+        position_ids restarting inside a row mark packed documents: attention stays within each.
+        attention_mask [B, S] marks padding keys (1 = real token).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = x.shape[:2]
+        doc_ids = None if position_ids is None else document_ids(position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=x.device).expand(batch, seq)  # [B, S]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        mask = attention_mask_for(doc_ids, attention_mask, seq, x.device)
+        cos, sin = self.rotary_emb(position_ids)
+        aux_total = None
+        for layer in self.layers:
+            x, aux = layer(x, cos, sin, mask, attention_mask)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), aux_total
+
+
+class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, path, *args, dtype=None, torch_dtype=None, device_map=None, **kwargs):
+        """Load a local hub-layout checkpoint directory (V2, V2-Lite, V3 architectures).
+
+        dtype / torch_dtype: torch dtype, its name, or "auto" (the checkpoint's); default float32.
+        device_map: a device, its name or index, {"": device}, or "auto" (cuda:0 when present).
+        """
+        if args or kwargs:
+            unknown = list(kwargs) + [repr(a) for a in args]
+            raise TypeError(f"from_pretrained: unsupported argument(s) {unknown}")
+        return load_model(cls, path, dtype=dtype if dtype is not None else torch_dtype, device_map=device_map)
+
+    def save_pretrained(self, save_directory, state_dict=None, max_shard_size="5GB", **kwargs) -> None:
+        """Write config.json + safetensors in the hub layout (per-expert keys), atomically."""
+        save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> CausalLMOutput:
+        """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
+        causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
+        return_logits=False skips the LM head: use `last_hidden_state` for fused losses."""
+        hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        logits = loss = None
+        if return_logits or labels is not None:
+            logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        if labels is not None:
+            loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **loss_kwargs)
+            if aux is not None:
+                loss = loss + aux
+        return CausalLMOutput(loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden)
