@@ -76,9 +76,19 @@ class MLA(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; mask as from attention_mask_for (None = causal)."""
-        batch, seq = x.shape[:2]
         q_nope, q_pe = self.query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
+        return self.attend(q_nope, q_pe, c, k_pe, mask)
+
+    def attend(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decompressed attention from query parts and latents (as from `query` / `latent`) -> [B, S, H].
+
+        Split out of `forward` so the generation prefill can keep c and k_pe for its latent cache.
+        """
+        batch, seq = c.shape[:2]
         kv = self.kv_b_proj(c).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)  # [B, S, h, nope+v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
@@ -88,3 +98,14 @@ class MLA(nn.Module):
             q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None, scale=self.scale
         )  # [B, h, S, v]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
+
+    def absorbed_weights(self, kv_b_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves of `kv_b_proj` for the absorbed (decode) form, as views of `kv_b_weight`.
+
+        kv_b_weight [h*(nope+v), kv_rank] (default: kv_b_proj.weight; pass the effective weight when an
+        adapter wraps the layer) -> W_UK [h, nope, kv_rank], W_UV [h, v, kv_rank]. Then
+        q_nope·k_nope = (q_nope·W_UK)·c and softmax·v = (softmax·c)·W_UVᵀ.
+        """
+        weight = self.kv_b_proj.weight if kv_b_weight is None else kv_b_weight
+        per_head = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [h, nope+v, rank]
+        return per_head[:, : self.nope_dim], per_head[:, self.nope_dim :]

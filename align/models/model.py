@@ -13,15 +13,21 @@ import torch
 from torch import nn
 from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from align.models.checkpoint import load_model, save_model
 from align.models.config import is_moe_layer
 from align.models.mla import MLA, attention_mask_for, document_ids
-from align.models.moe import MLP, MoE, Experts, Gate
+from align.models.moe import MLP, Experts, Gate, MoE
 from align.models.norm import RMSNorm
 from align.models.rope import RotaryEmbedding
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """0 keeps all positions, an int n the last n, a tensor the listed indices. [B, S, H] -> [B, S', H]."""
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
 
 
 @dataclass
@@ -178,7 +184,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
         logits = loss = None
         if return_logits or labels is not None:
-            logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+            logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         if labels is not None:
             loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
             loss = self.loss_function(logits, labels, self.config.vocab_size, **loss_kwargs)
