@@ -41,7 +41,7 @@ def lora_wrap(model):
     return peft.get_peft_model(model, config)
 
 
-def time_steps(model, batch: int, seq: int, steps: int, device: str) -> dict:
+def time_steps(model, batch: int, seq: int, steps: int, device: str, **forward_kwargs) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
@@ -54,7 +54,7 @@ def time_steps(model, batch: int, seq: int, steps: int, device: str) -> dict:
     for step in range(steps + 2):
         sync()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,9 +74,9 @@ def profile(model, args) -> None:
     from torch.profiler import profile as torch_profile
 
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids, return_logits=False).loss.backward()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, return_logits=False).loss.backward()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
 
@@ -85,7 +85,8 @@ def run(name: str, build, args) -> dict:
     model = lora_wrap(build())
     if args.profile and name == "align":
         profile(model, args)
-    result = time_steps(model, args.batch, args.seq, args.steps, args.device)
+    fused = {"return_logits": False} if name == "align" else {}  # align: fused linear cross-entropy
+    result = time_steps(model, args.batch, args.seq, args.steps, args.device, **fused)
     print(name, json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
     del model
     gc.collect()

@@ -15,6 +15,7 @@ from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from align.kernels.linear_logprob import linear_cross_entropy
 from align.models.checkpoint import load_model, save_model
 from align.models.config import is_moe_layer
 from align.models.mla import MLA, attention_mask_for, document_ids
@@ -180,14 +181,23 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutput:
         """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
         causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
-        return_logits=False skips the LM head: use `last_hidden_state` for fused losses."""
+        return_logits=False skips the LM head (`last_hidden_state` is always returned); with labels
+        the loss is then computed by the fused linear cross-entropy."""
         hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
         logits = loss = None
-        if return_logits or labels is not None:
+        if return_logits:
             logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         if labels is not None:
-            loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **loss_kwargs)
+            loss = self._lm_loss(hidden, logits, labels, kwargs.get("num_items_in_batch"))
             if aux is not None:
                 loss = loss + aux
         return CausalLMOutput(loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden)
+
+    def _lm_loss(self, hidden, logits, labels, num_items_in_batch):
+        """transformers' causal-LM loss on the logits, or, without logits, the fused chunked one on
+        the hidden states (same value; never holds [tokens, vocab] logits; uses lm_head.weight)."""
+        if logits is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels, num_items_in_batch)
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError(f"labels have {labels.shape[1]} positions but logits_to_keep left {logits.shape[1]}")
+        return self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)

@@ -39,3 +39,19 @@ def test_peft_lora_wraps_and_trains():
     assert trained and all("lora_" in n for n in trained)
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
     assert not any("experts.gate_up_proj" in n for n in trained)
+
+
+def test_fused_loss_equals_logits_loss():
+    model = build_model("tiny", seed=3).eval()
+    ids = torch.randint(0, 1024, (2, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    ref = model(ids, labels=labels)
+    ref.loss.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    fused = model(ids, labels=labels, return_logits=False)
+    fused.loss.backward()
+    assert fused.logits is None
+    assert torch.allclose(fused.loss, ref.loss, rtol=1e-5)
+    assert torch.allclose(model.lm_head.weight.grad, grad, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,96 @@
+"""Fused LM head + log-softmax at target tokens, chunked over tokens: never holds [N, V] logits.
+
+`linear_logprobs(hidden, weight, targets, temperature)` returns log p(target) under
+softmax(hidden @ weight.T / temperature), in float32, with a backward that recomputes each chunk's
+logits instead of storing them. Peak extra memory is one [chunk, V] float32 block (chunk 1024 ×
+vocab 102400 = 400 MiB) instead of [N, V] logits plus their gradient (N = 8192: 3.4 GiB each).
+`linear_cross_entropy` builds the causal-LM loss on it; `linear_logprobs_reference` is the plain
+PyTorch computation it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 1024
+
+
+def linear_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """hidden [N, H], weight [V, H], targets [N] -> log p(target) [N] (float32, or float64 inputs' dtype)."""
+    logits = (hidden @ weight.T).to(_acc_dtype(hidden.dtype)) / temperature  # [N, V]
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float):
+    logits = (h @ weight.T).to(_acc_dtype(h.dtype)) / temperature  # [c, V]
+    lse = logits.logsumexp(-1)  # [c]
+    return logits, lse, logits.gather(1, t[:, None]).squeeze(1) - lse
+
+
+class LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        out = torch.empty(hidden.shape[0], dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            _, lse[sl], out[sl] = _chunk_stats(hidden[sl], weight, targets[sl], temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = _acc_dtype(hidden.dtype)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            h = hidden[sl]
+            probs = ((h @ weight.T).to(acc) / temperature - lse[sl, None]).exp()  # [c, V]
+            # d logp(t) / d logits = (onehot(t) - p) / T, scaled by the incoming gradient
+            g = grad_out[sl, None].to(acc)
+            grad_logits = probs.mul_(-g).scatter_add_(1, targets[sl, None], g)
+            grad_logits = (grad_logits / temperature).to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[sl] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).to(acc)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """hidden [..., H], weight [V, H], targets [...] -> log p(target) [...] float32."""
+    shape = targets.shape
+    flat = LinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), temperature, chunk)
+    return flat.view(shape)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Causal-LM loss from final hidden states [B, S, H] and unshifted labels [B, S]: the mean (or the
+    sum over `num_items_in_batch`) of -log p(labels[t+1] | ..t), as transformers' ForCausalLMLoss."""
+    targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]  # [B, S], shifted left
+    keep = targets != ignore_index
+    logp = linear_logprobs(hidden[keep], weight, targets[keep])  # [n]
+    total = -logp.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    if torch.is_tensor(denom):
+        denom = denom.to(total.device)
+    return total / denom
