@@ -4,7 +4,8 @@ python bench/bench_sft.py --out sft.json [--batch 4 --seq 2048 --steps 5] [--smo
 
 Random bf16 weights, LoRA r 16 (alpha 32) on the attention and MLP linears (q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj, gate/up/down_proj of dense layers and shared experts; routed
-experts frozen), gradient checkpointing, AdamW on the adapters, labels = inputs (full causal-LM loss).
+experts frozen; see align/train/peft_compat.py for why peft needs help with that), gradient
+checkpointing, AdamW on the adapters, labels = inputs (full causal-LM loss).
 Reports tokens/s (median step) and peak memory for each implementation.
 """
 
@@ -20,6 +21,7 @@ import peft
 import torch
 
 from align.models import build_model, preset_config
+from align.train.peft_compat import exact_lora_targets
 
 TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
            "gate_proj", "up_proj", "down_proj"]
@@ -38,7 +40,8 @@ def transformers_model(preset: str, device: str, **overrides):
 def lora_wrap(model):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
-    return peft.get_peft_model(model, config)
+    with exact_lora_targets():  # else peft moves gate/up/down_proj LoRA onto the routed experts
+        return peft.get_peft_model(model, config)
 
 
 def time_steps(model, batch: int, seq: int, steps: int, device: str, **forward_kwargs) -> dict:
@@ -75,10 +78,13 @@ def profile(model, args) -> None:
 
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     model(input_ids=ids, labels=ids, return_logits=False).loss.backward()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         model(input_ids=ids, labels=ids, return_logits=False).loss.backward()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    for event in prof.key_averages(group_by_stack_n=4):
+        if event.key in ("aten::baddbmm", "aten::copy_", "aten::mul") and event.device_time_total > 5e3:
+            print(event.key, f"{event.device_time_total / 1e3:.1f} ms", event.count, " <- ".join(event.stack[:4]))
 
 
 def run(name: str, build, args) -> dict:
