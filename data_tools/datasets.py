@@ -180,7 +180,11 @@ def to_standard(row: Mapping[str, object], fmt: str, where: str = "row") -> dict
 
 @dataclass
 class DataStats:
-    """What tokenize_dataset kept and why it dropped the rest; lengths are of kept examples."""
+    """What tokenize_dataset kept and why it dropped the rest; lengths are of kept examples.
+
+    rows = kept + dropped_too_long + dropped_no_trained + skipped_malformed; `truncated` counts kept
+    examples that were cut to max_length.
+    """
 
     source: str = "<data>"
     max_length: int = 0
@@ -246,15 +250,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _fit(ids: list[int], labels: list[int], max_length: int, truncation: str, stats: DataStats) -> dict | None:
-    if len(ids) > max_length:
-        if truncation == "drop":
-            stats.dropped_too_long += 1
-            return None
-        stats.truncated += 1
-        ids, labels = ids[:max_length], labels[:max_length]
+    too_long = len(ids) > max_length
+    if too_long and truncation == "drop":
+        stats.dropped_too_long += 1
+        return None
+    ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         stats.dropped_no_trained += 1
         return None
+    stats.truncated += too_long
     return {"input_ids": ids, "labels": labels}
 
 

@@ -1,0 +1,140 @@
+"""Deterministic synthetic arithmetic chat data for the tiny default model (SFT and RL).
+
+Each row: {"messages": [user, assistant], "prompt": [user], "answer": "68"} - `messages` for SFT,
+`prompt` + `answer` for RL. Problems are distinct within a call; subtraction never goes negative.
+
+    python -m data_tools.synthetic --out data/arith --train 10000 --test 500 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+OPS = "+-*"
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+Problem = tuple[int, str, int]
+
+
+def problem_count(max_operand: int, ops: str) -> int:
+    """How many distinct problems exist with operands 0..max_operand."""
+    size = max_operand + 1
+    return sum(size * (size + 1) // 2 if op == "-" else size * size for op in set(ops))
+
+
+def _check(n: int, max_operand: int, ops: str) -> None:
+    if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"ops is {ops!r}; expected distinct characters from {OPS!r}")
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be at least 1, got {max_operand}")
+    if not 0 <= n <= problem_count(max_operand, ops):
+        raise ValueError(
+            f"asked for {n} problems but only {problem_count(max_operand, ops)} distinct ones exist "
+            f"with operands 0..{max_operand} and ops {ops!r}; raise max_operand or add ops"
+        )
+
+
+def _draw(rng: random.Random, max_operand: int, ops: str) -> Problem:
+    op = rng.choice(ops)
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def _problems(n: int, seed: int, max_operand: int, ops: str) -> list[Problem]:
+    _check(n, max_operand, ops)
+    rng = random.Random(f"arithmetic:{seed}")
+    seen: set[Problem] = set()
+    out: list[Problem] = []
+    while len(out) < n:
+        problem = _draw(rng, max_operand, ops)
+        if problem not in seen:
+            seen.add(problem)
+            out.append(problem)
+    return out
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_row(a: int, op: str, b: int) -> dict[str, object]:
+    question = {"role": "user", "content": f"What is {a} {op} {b}?"}
+    answer = str(solve(a, op, b))
+    return {"messages": [question, {"role": "assistant", "content": answer}], "prompt": [question],
+            "answer": answer}
+
+
+def arithmetic_rows(n: int, seed: int, *, max_operand: int = 99, ops: str = "+-") -> list[dict]:
+    """n distinct problems, the same for the same arguments. A larger n extends a smaller one:
+    arithmetic_rows(k, s) == arithmetic_rows(n, s)[:k] for k <= n."""
+    return [make_row(*problem) for problem in _problems(n, seed, max_operand, ops)]
+
+
+def arithmetic_splits(
+    n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-"
+) -> tuple[list[dict], list[dict]]:
+    """(train, test) with no problem in both; test is the same whatever n_train."""
+    rows = arithmetic_rows(n_test + n_train, seed, max_operand=max_operand, ops=ops)
+    return rows[n_test:], rows[:n_test]
+
+
+def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
+    """Write rows as JSON lines (UTF-8), via a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a reply: the first number of its first non-empty line, else that line stripped."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    found = _NUMBER.search(lines[0])
+    return found.group(0).lstrip("+") if found else lines[0]
+
+
+def exact_match(pred: str, answer: str) -> bool:
+    """Whether a reply's extracted answer equals the reference (both normalised by extract_answer)."""
+    return extract_answer(pred) == extract_answer(answer) != ""
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.synthetic",
+        description="Write train.jsonl / test.jsonl of synthetic arithmetic chats (disjoint problems).",
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--train", type=int, default=10000, help="training rows (default 10000)")
+    parser.add_argument("--test", type=int, default=500, help="held-out rows (default 500)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-operand", type=int, default=99, help="operands are 0..N (default 99)")
+    parser.add_argument("--ops", default="+-", help=f"operators, from {OPS!r} (default '+-')")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    try:
+        train, test = arithmetic_splits(args.train, args.test, args.seed, max_operand=args.max_operand,
+                                        ops=args.ops)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    out = Path(args.out)
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(test, out / "test.jsonl")
+    print(f"wrote {len(train)} rows to {out / 'train.jsonl'} and {len(test)} to {out / 'test.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
