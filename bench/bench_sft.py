@@ -87,8 +87,16 @@ def profile(model, args) -> None:
             print(event.key, f"{event.device_time_total / 1e3:.1f} ms", event.count, " <- ".join(event.stack[:4]))
 
 
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (the hot step); checkpointing stays outside the compiled code."""
+    for layer in model.base_model.model.model.layers:
+        layer.compile(dynamic=False)
+
+
 def run(name: str, build, args) -> dict:
     model = lora_wrap(build())
+    if args.compile and name == "align":
+        compile_layers(model)
     if args.profile and name == "align":
         profile(model, args)
     fused = {"return_logits": False} if name == "align" else {}  # align: fused linear cross-entropy
@@ -110,6 +118,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of one align step")
     parser.add_argument("--only-align", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile align's decoder layers")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     preset = "tiny" if args.smoke else "deepseek-v2-lite"
@@ -117,7 +126,7 @@ def main() -> None:
         args.batch, args.seq, args.steps = 2, 64, 2
     dtype = torch.float32 if args.smoke else torch.bfloat16
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "preset": preset, "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
+              "preset": preset, "compile": args.compile, "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
     result["align"] = run("align", lambda: build_model(preset, dtype=dtype, device_map=args.device), args)
     if args.only_align:
         print(json.dumps(result["align"]))
