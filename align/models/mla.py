@@ -24,24 +24,29 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask_for(
-    doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, seq: int, device: torch.device
+    doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, seq: int, device: torch.device, past: int = 0
 ) -> torch.Tensor | None:
-    """Boolean [B, 1, S, S] mask: causal, within a document, keys not padding. None = plain causal."""
-    if doc_ids is None and key_valid is None:
+    """Boolean [B|1, 1, S, past+S] mask: causal, within a document, keys not padding; None = plain causal.
+
+    key_valid [B, past+S] marks real tokens; `past` cached positions come before the S queries.
+    """
+    if doc_ids is None and key_valid is None and past == 0:
         return None
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()  # [S, S]
-    allowed = causal[None]
+    query_pos = torch.arange(past, past + seq, device=device)[:, None]  # [S, 1]
+    key_pos = torch.arange(past + seq, device=device)[None]  # [1, T]
+    allowed = (key_pos <= query_pos)[None]  # [1, S, T]
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, S, S]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :].bool()
-        allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)  # padding rows see themselves
+        allowed = allowed | (key_pos == query_pos)  # padding rows see themselves
     return allowed[:, None]
 
 
 class MLA(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
@@ -73,11 +78,17 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin, self.interleaved)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache=None
     ) -> torch.Tensor:
-        """x [B, S, H] -> [B, S, H]; mask as from attention_mask_for (None = causal)."""
+        """x [B, S, H] -> [B, S, H]; mask as from attention_mask_for (None = causal).
+
+        cache: a transformers Cache (for GenerationMixin.generate); it holds the latents c and k_pe
+        as single-head [B, 1, T, d] tensors, as transformers' own DeepSeek-V2 does.
+        """
         q_nope, q_pe = self.query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
+        if cache is not None:
+            c, k_pe = (t[:, 0] for t in cache.update(c[:, None], k_pe[:, None], self.layer_idx))  # [B, T, d]
         return self.attend(q_nope, q_pe, c, k_pe, mask)
 
     def attend(
@@ -88,15 +99,14 @@ class MLA(nn.Module):
 
         Split out of `forward` so the generation prefill can keep c and k_pe for its latent cache.
         """
-        batch, seq = c.shape[:2]
-        kv = self.kv_b_proj(c).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)  # [B, S, h, nope+v]
+        batch, keys = c.shape[:2]
+        kv = self.kv_b_proj(c).view(batch, keys, self.n_heads, self.nope_dim + self.v_dim)  # [B, T, h, nope+v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
-        k_pe = k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)  # [B, S, h, rope]
-        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
-        out = attend(q, k, v.transpose(1, 2), mask, self.scale)  # [B, h, S, v]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
-
+        k_pe = k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)  # [B, T, h, rope]
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, h, T, qk]
+        out = sdpa(q, k, v.transpose(1, 2), mask, self.scale)  # [B, h, S, v]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_nope.shape[1], self.n_heads * self.v_dim))
 
     def absorbed_weights(self, kv_b_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two halves of `kv_b_proj` for the absorbed (decode) form, as views of `kv_b_weight`.
@@ -109,7 +119,8 @@ class MLA(nn.Module):
         per_head = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [h, nope+v, rank]
         return per_head[:, : self.nope_dim], per_head[:, self.nope_dim :]
 
-def attend(
+
+def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """SDPA over [B, h, S, d] tensors; mask None = causal.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -37,19 +38,20 @@ class CausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
 
 
 class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(config)
+        self.self_attn = MLA(config, layer_idx)
         self.is_moe = is_moe_layer(config, layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, token_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, token_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             h, aux = self.mlp(h, token_mask)
@@ -111,27 +113,31 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
 
         position_ids restarting inside a row mark packed documents: attention stays within each.
-        attention_mask [B, S] marks padding keys (1 = real token).
+        attention_mask [B, past+S] marks padding keys (1 = real token). past_key_values: a transformers
+        Cache of MLA latents (GenerationMixin.generate); the fast rollout path is align.generation.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
-        doc_ids = None if position_ids is None else document_ids(position_ids)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        doc_ids = None if position_ids is None or past else document_ids(position_ids)
         if position_ids is None:
-            position_ids = torch.arange(seq, device=x.device).expand(batch, seq)  # [B, S]
+            position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, seq)  # [B, S]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        mask = attention_mask_for(doc_ids, attention_mask, seq, x.device)
+        mask = attention_mask_for(doc_ids, attention_mask, seq, x.device, past)
+        token_mask = None if attention_mask is None else attention_mask[:, past:]
         cos, sin = self.rotary_emb(position_ids)
         aux_total = None
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, mask, attention_mask)
+            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(x), aux_total
@@ -177,13 +183,17 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
         causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
         return_logits=False skips the LM head (`last_hidden_state` is always returned); with labels
         the loss is then computed by the fused linear cross-entropy."""
-        hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
         logits = loss = None
         if return_logits:
             logits = self.lm_head(keep_positions(hidden, logits_to_keep))
@@ -191,7 +201,9 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
             loss = self._lm_loss(hidden, logits, labels, kwargs.get("num_items_in_batch"))
             if aux is not None:
                 loss = loss + aux
-        return CausalLMOutput(loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden)
+        return CausalLMOutput(
+            loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden, past_key_values=past_key_values
+        )
 
     def _lm_loss(self, hidden, logits, labels, num_items_in_batch):
         """transformers' causal-LM loss on the logits, or, without logits, the fused chunked one on
