@@ -16,6 +16,7 @@ A correctness probe compares our greedy tokens with the argmax of our own full f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -116,7 +117,7 @@ def transformers_twin(model):
     from transformers import DeepseekV2ForCausalLM as Reference
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RotaryEmbedding
 
-    config = model.config
+    config = copy.deepcopy(model.config)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         twin = Reference._from_config(config, dtype=model.dtype)

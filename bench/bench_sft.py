@@ -126,7 +126,8 @@ def main() -> None:
         args.batch, args.seq, args.steps = 2, 64, 2
     dtype = torch.float32 if args.smoke else torch.bfloat16
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "preset": preset, "compile": args.compile, "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
+              "preset": preset, "compile": args.compile, "batch": args.batch, "seq": args.seq,
+              "torch": torch.__version__}
     result["align"] = run("align", lambda: build_model(preset, dtype=dtype, device_map=args.device), args)
     if args.only_align:
         print(json.dumps(result["align"]))

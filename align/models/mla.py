@@ -89,9 +89,9 @@ class MLA(nn.Module):
         c, k_pe = self.latent(x, cos, sin)
         if cache is not None:
             c, k_pe = (t[:, 0] for t in cache.update(c[:, None], k_pe[:, None], self.layer_idx))  # [B, T, d]
-        return self.attend(q_nope, q_pe, c, k_pe, mask)
+        return self.attend_latents(q_nope, q_pe, c, k_pe, mask)
 
-    def attend(
+    def attend_latents(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:

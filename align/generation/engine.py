@@ -1,0 +1,327 @@
+"""The rollout loop: a fixed set of slots over the latent cache, refilled as sequences finish.
+
+Every sequence (prompt p, sample j) occupies one slot. Admission writes the prompt's first L-1
+tokens into the slot's cache rows - by a packed prefill for the first sample of a prompt, by a
+copy of those rows from a live sibling slot for the others (n samples share one prefill) - and
+puts the last prompt token in as the slot's next decode input; so every completion token,
+the first included, is chosen by the same decode step. The decode step runs all slots with
+static shapes (finished and empty slots ride along, masked), keeps its counters, outputs and
+stop flags on the device, and never reads back to the host. Every `refill_every` steps the host
+reads the finished flags once, collects finished rows and refills their slots from the queue
+(continuous batching): a finished row idles at most refill_every - 1 steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from align.generation.cache import CacheError, LatentCache
+from align.generation.forward import decode_logits, prefill, unwrap
+from align.generation.graphs import GraphRunner, model_signature
+from align.generation.requests import Completion, Request, build_request
+from align.generation.sampling import SamplingParams, choose
+
+STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
+
+
+@dataclass
+class DecodeState:
+    """Per-slot device tensors the decode step reads and updates in place."""
+
+    tokens: torch.Tensor  # [slots] next input token
+    positions: torch.Tensor  # [slots] where that token goes in the cache
+    counts: torch.Tensor  # [slots] tokens generated so far
+    done: torch.Tensor  # [slots] finished or empty
+    out_tokens: torch.Tensor  # [slots, max_new]
+    out_logprobs: torch.Tensor  # [slots, max_new] float32
+    uniform: torch.Tensor  # [slots, V] float32 noise for sampling
+    stop_ids: torch.Tensor  # [STOP_PAD * k] padded with -1
+    rows: torch.Tensor  # [slots] arange
+
+    @classmethod
+    def allocate(cls, slots: int, max_new: int, vocab: int, stops: int, device) -> DecodeState:
+        long = {"dtype": torch.long, "device": device}
+        return cls(
+            tokens=torch.zeros(slots, **long), positions=torch.zeros(slots, **long),
+            counts=torch.zeros(slots, **long), done=torch.ones(slots, dtype=torch.bool, device=device),
+            out_tokens=torch.zeros(slots, max_new, **long),
+            out_logprobs=torch.zeros(slots, max_new, dtype=torch.float32, device=device),
+            uniform=torch.zeros(slots, vocab, dtype=torch.float32, device=device),
+            stop_ids=torch.full((stops,), -1, **long), rows=torch.arange(slots, **long),
+        )
+
+    def shape_key(self) -> tuple[int, int, int]:
+        return self.tokens.shape[0], self.out_tokens.shape[1], self.stop_ids.shape[0]
+
+
+class GenerationEngine:
+    """Holds the cache, the decode buffers and captured graphs between calls (keep one per trainer).
+
+    max_batch: slots decoded together. max_len: cache positions per slot (default: what each call
+    needs, rounded up to attend_bucket). refill_every: decode steps between host checks for finished
+    rows. prefill_tokens: packed prompt tokens per prefill pass. cuda_graphs: capture the decode step
+    (default: on for CUDA models). attend_bucket: the attention length a graph covers is rounded up
+    to a multiple of this, so graphs are few while attention reads about as many rows as are live.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, max_batch: int = 256, max_len: int | None = None, refill_every: int = 8,
+        prefill_tokens: int = 4096, cuda_graphs: bool | None = None, attend_bucket: int = 128,
+    ):
+        for name, value in (("max_batch", max_batch), ("refill_every", refill_every),
+                            ("prefill_tokens", prefill_tokens), ("attend_bucket", attend_bucket)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len={max_len!r}: must be an integer >= 1 or None")
+        self.model, self.lm = model, unwrap(model)
+        weight = self.lm.lm_head.weight
+        self.device, self.dtype = weight.device, self.lm.model.embed_tokens.weight.dtype
+        self.max_batch, self.max_len, self.refill_every = max_batch, max_len, refill_every
+        self.prefill_tokens, self.attend_bucket = prefill_tokens, attend_bucket
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.cache: LatentCache | None = None
+        self.state: DecodeState | None = None
+        self.graphs: GraphRunner | None = None
+
+    # ----------------------------------------------------------------------------- public
+    def generate(
+        self, prompt_token_ids, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+        top_k: int = 0, n: int = 1, eos_token_id: int | list[int] | None = None, stop_token_ids=(),
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Per prompt, n completions (see align.generation.generate for the arguments)."""
+        request = build_request(
+            prompt_token_ids, self.lm.config.vocab_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, n=n, eos_token_id=eos_token_id,
+            stop_token_ids=stop_token_ids, seed=seed,
+        )
+        self._prepare(request)
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
+        try:
+            with torch.no_grad():
+                return _Run(self, request).loop()
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def release(self) -> None:
+        """Free the cache, decode buffers and graphs (e.g. before a training step)."""
+        self.cache = self.state = self.graphs = None
+
+    def cache_bytes_per_token(self) -> int:
+        config = self.lm.config
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * element
+
+    # ----------------------------------------------------------------------------- buffers
+    def _prepare(self, request: Request) -> None:
+        need = request.cache_len()
+        if self.max_len is not None and need > self.max_len:
+            longest = max(range(len(request.prompts)), key=lambda i: len(request.prompts[i]))
+            raise CacheError(
+                f"prompt_token_ids[{longest}] has {len(request.prompts[longest])} tokens; with "
+                f"max_new_tokens={request.max_new_tokens} it needs {need} cache positions but the cache "
+                f"holds max_len={self.max_len}: shorten the prompt, lower max_new_tokens or raise max_len"
+            )
+        slots = min(self.max_batch, request.sequences)
+        max_len = self.max_len or -(-need // self.attend_bucket) * self.attend_bucket
+        if self.cache is None or self.cache.slots != slots or self.cache.max_len < need:
+            self.cache = None  # free before allocating the new one
+            self.cache = LatentCache.for_model(self.lm.config, slots, max_len, self.dtype, self.device)
+            self.graphs = None
+        stops = max(1, -(-len(request.stop_ids) // STOP_PAD)) * STOP_PAD
+        shape = (slots, request.max_new_tokens, stops)
+        if self.state is None or self.state.shape_key() != shape:
+            self.state = None
+            self.state = DecodeState.allocate(*shape[:2], self.lm.config.vocab_size, stops, self.device)
+            self.graphs = None
+        if self.graphs is not None and not self.graphs.enabled:
+            self.use_graphs = False  # a capture failed on this model: stay eager
+        signature = model_signature(self.model) if self.use_graphs else None
+        if self.graphs is not None and self.graphs.signature != signature:
+            self.graphs = None  # weights moved or adapters toggled since capture
+        if self.graphs is None:
+            st = self.state
+            self.graphs = GraphRunner(self.use_graphs, [st.tokens, st.positions, st.counts, st.done], signature)
+        self.state.stop_ids.fill_(-1)
+        if request.stop_ids:
+            self.state.stop_ids[: len(request.stop_ids)] = torch.tensor(request.stop_ids, device=self.device)
+        self.state.done.fill_(True)
+
+    # ----------------------------------------------------------------------------- the step
+    def step(self, attend_len: int, sampling: SamplingParams, max_new: int) -> None:
+        """One decode step over all slots: static shapes, device-only state updates."""
+        st = self.state
+        logits = decode_logits(self.lm, self.cache, st.tokens, st.positions, attend_len)  # [B, V]
+        token, logprob = choose(logits, sampling, st.uniform)
+        running = ~st.done  # [B]
+        col = st.counts.clamp(max=max_new - 1)
+        st.out_tokens[st.rows, col] = torch.where(running, token, st.out_tokens[st.rows, col])
+        st.out_logprobs[st.rows, col] = torch.where(running, logprob, st.out_logprobs[st.rows, col])
+        st.counts += running
+        stop = (token[:, None] == st.stop_ids[None]).any(-1) | (st.counts >= max_new)
+        finished = running & stop
+        st.done |= finished
+        st.tokens.copy_(torch.where(running, token, st.tokens))
+        st.positions += (running & ~finished).long()
+
+    def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int, generator) -> None:
+        if not sampling.greedy:
+            self.state.uniform.uniform_(generator=generator)  # outside the graph: seeded, one launch
+        self.graphs.run(
+            (attend_len, sampling, max_new), lambda: self.step(attend_len, sampling, max_new)
+        )
+
+
+class _Run:
+    """Host-side bookkeeping of one generate call: the queue, slot owners, collected results."""
+
+    def __init__(self, engine: GenerationEngine, request: Request):
+        self.engine, self.request = engine, request
+        self.queue = deque(range(request.sequences))  # sequence s = prompt s // n, sample s % n
+        slots = engine.cache.slots
+        self.owner: list[int | None] = [None] * slots
+        self.start = [0] * slots  # step at which the slot's sequence was admitted
+        self.results: list[list[Completion | None]] = [[None] * request.n for _ in request.prompts]
+        self.step = 0
+        self.generator = torch.Generator(device=engine.device)
+        if request.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(request.seed)
+
+    def prompt(self, sequence: int) -> list[int]:
+        return self.request.prompts[sequence // self.request.n]
+
+    def loop(self) -> list[list[Completion]]:
+        while True:
+            self.collect_finished()
+            self.admit()
+            live = [s for s, owner in enumerate(self.owner) if owner is not None]
+            if not live:
+                return self.results
+            max_new = self.request.max_new_tokens
+            left = max(max_new - (self.step - self.start[s]) for s in live)  # a row stops by max_new
+            for _ in range(min(self.engine.refill_every, left)):
+                self.engine.run_step(self.attend_len(live), self.request.sampling, max_new, self.generator)
+                self.step += 1
+
+    def attend_len(self, live: list[int]) -> int:
+        """A bound on every live row's position + 1, rounded up to the bucket (no host read)."""
+        cap = self.request.max_new_tokens - 1
+        last = max(len(self.prompt(self.owner[s])) - 1 + min(self.step - self.start[s], cap) for s in live)
+        bucket = self.engine.attend_bucket
+        return min(-(-(last + 1) // bucket) * bucket, self.engine.cache.max_len)
+
+    def collect_finished(self) -> None:
+        st = self.engine.state
+        flags = torch.stack([st.done.long(), st.counts]).cpu()  # the one host read per refill
+        finished, counts = flags.tolist()
+        done = [s for s, owner in enumerate(self.owner) if owner is not None and finished[s]]
+        if not done:
+            return
+        index = torch.tensor(done, device=st.tokens.device)
+        tokens, logprobs = st.out_tokens[index].cpu(), st.out_logprobs[index].cpu()
+        stop_ids = set(self.request.stop_ids)
+        for row, slot in enumerate(done):
+            count = counts[slot]
+            ids = tokens[row, :count].tolist()
+            reason = "stop" if ids and ids[-1] in stop_ids else "length"
+            sequence = self.owner[slot]
+            self.results[sequence // self.request.n][sequence % self.request.n] = Completion(
+                ids, logprobs[row, :count].tolist(), reason
+            )
+            self.owner[slot] = None
+
+    def admit(self) -> None:
+        free = [s for s, owner in enumerate(self.owner) if owner is None]
+        admitted = []
+        while free and self.queue:
+            admitted.append((free.pop(0), self.queue.popleft()))
+        if not admitted:
+            return
+        n = self.request.n
+        source = {self.owner[s] // n: s for s, o in enumerate(self.owner) if o is not None}  # live sibling
+        to_prefill, copies = [], []
+        for slot, sequence in admitted:
+            prompt = sequence // n
+            if prompt in source:
+                copies.append((source[prompt], slot, len(self.prompt(sequence)) - 1))
+            else:
+                source[prompt] = slot
+                to_prefill.append((slot, self.prompt(sequence)[:-1]))
+            self.owner[slot], self.start[slot] = sequence, self.step
+        self.prefill(to_prefill)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for src, dst, length in copies:
+            groups.setdefault((src, length), []).append(dst)
+        device = self.engine.device
+        for (src, length), dsts in groups.items():
+            dst = torch.tensor(dsts, device=device)
+            self.engine.cache.copy_prefix(torch.full_like(dst, src), dst, length)
+        self.reset_slots(admitted)
+
+    def prefill(self, prompts: list[tuple[int, list[int]]]) -> None:
+        """Packed prefill of (slot, tokens) pairs, in passes of about engine.prefill_tokens tokens."""
+        chunk, size = [], 0
+        for slot, ids in [p for p in prompts if p[1]]:
+            if chunk and size + len(ids) > self.engine.prefill_tokens:
+                self._prefill_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append((slot, ids))
+            size += len(ids)
+        if chunk:
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, chunk: list[tuple[int, list[int]]]) -> None:
+        ids = [t for _, p in chunk for t in p]
+        positions = [i for _, p in chunk for i in range(len(p))]
+        slots = [s for s, p in chunk for _ in p]
+        device = self.engine.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        prefill(
+            self.engine.lm, self.engine.cache, as_tensor(ids), as_tensor(positions), as_tensor(slots), len(chunk)
+        )
+
+    def reset_slots(self, admitted: list[tuple[int, int]]) -> None:
+        st, device = self.engine.state, self.engine.device
+        slots = torch.tensor([s for s, _ in admitted], device=device)
+        last = torch.tensor([self.prompt(q)[-1] for _, q in admitted], device=device)
+        start = torch.tensor([len(self.prompt(q)) - 1 for _, q in admitted], device=device)
+        st.tokens[slots] = last
+        st.positions[slots] = start
+        st.counts[slots] = 0
+        st.done[slots] = False
+
+
+def generate(
+    model: nn.Module, prompt_token_ids, *, max_new_tokens: int, temperature: float = 1.0,
+    top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_id: int | list[int] | None = None,
+    stop_token_ids=(), seed: int | None = None, max_batch: int = 256, max_len: int | None = None,
+    refill_every: int = 8, cuda_graphs: bool | None = None,
+) -> list[list[Completion]]:
+    """Sample `n` completions for each prompt with `model` (ours, or PEFT-wrapped: adapters are live).
+
+    prompt_token_ids: list of token-id lists (ragged). temperature 0 = greedy; top_k 0 and top_p 1
+    disable those truncations. A row stops after max_new_tokens, or on eos_token_id (an id or a
+    list; None = never) or any of stop_token_ids; the stop token is kept in the completion. seed
+    makes the call reproducible (same inputs, settings and device -> same tokens).
+    Returns, per prompt, n `Completion`s with .token_ids, .logprobs (log_softmax(logits /
+    temperature) at each chosen token; plain log_softmax when greedy) and .finish_reason.
+    For repeated calls (RL rollouts) keep a GenerationEngine, so buffers and CUDA graphs are reused.
+    """
+    engine = GenerationEngine(
+        model, max_batch=max_batch, max_len=max_len, refill_every=refill_every, cuda_graphs=cuda_graphs
+    )
+    return engine.generate(
+        prompt_token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        n=n, eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, seed=seed,
+    )

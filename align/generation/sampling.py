@@ -1,0 +1,79 @@
+"""Batched token choice: greedy, or temperature + top-k + top-p sampling by the Gumbel-max trick.
+
+Static shapes and no host reads (the uniform noise comes in as a tensor the engine fills from a
+seeded torch.Generator before each step), so `choose` runs inside a captured CUDA graph.
+
+Log-probabilities returned for the chosen token are log_softmax(logits / temperature) - the
+temperature-scaled policy, *before* top-k / top-p truncation (temperature 0 = greedy: plain
+log_softmax(logits)). That is the quantity GRPO's old-policy log-probabilities need when training
+scales logits by the same temperature (TRL divides logits by its `temperature` before log_softmax).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 = no top-k
+
+    def validate(self) -> SamplingParams:
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature={t!r}: must be a finite number >= 0 (0 = greedy)")
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(f"top_p={p!r}: must be in (0, 1] (1 = no nucleus truncation)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k={k!r}: must be an integer >= 0 (0 = no top-k)")
+        return SamplingParams(float(t), float(p), int(k))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [B, V] -> same with tokens outside top-k, then outside the top-p nucleus, at -inf."""
+    vocab = logits.shape[-1]
+    if top_k >= vocab:
+        top_k = 0
+    if top_p >= 1.0:
+        if top_k == 0:
+            return logits
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        return logits.masked_fill(logits < kth, float("-inf"))
+    values, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    if top_k:
+        values[:, top_k:] = float("-inf")
+    probs = values.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # [B, V] mass of strictly more likely tokens
+    values = values.masked_fill(mass_before >= top_p, float("-inf"))  # the most likely token always stays
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from uniform [0, 1) samples."""
+    tiny = torch.finfo(uniform.dtype).tiny
+    return -torch.log(-torch.log(uniform.clamp_min(tiny)))
+
+
+def choose(
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] float32 -> (token [B] int64, its log-probability [B] float32, see module doc).
+
+    uniform [B, V] in [0, 1), required unless greedy.
+    """
+    if params.greedy:
+        token = logits.argmax(-1)  # [B]
+        return token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+    scaled = logits / params.temperature
+    keep = truncate(scaled, params.top_k, params.top_p)
+    token = (keep + gumbel(uniform)).argmax(-1)  # Gumbel-max: a draw from softmax(keep)
+    return token, scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]

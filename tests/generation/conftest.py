@@ -1,0 +1,42 @@
+"""Shared tiny models: transformers' reference for each case, and ours loaded from its checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.models import DeepseekV2ForCausalLM
+from tests.models.cases import reference_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one intra-op thread is faster and immune to busy CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def case_models(tmp_path_factory):
+    """case -> (transformers model, our model with the same weights), built once per session."""
+    built: dict[str, tuple] = {}
+
+    def get(case: str):
+        if case not in built:
+            ref = reference_model(case)
+            path = tmp_path_factory.mktemp(case)
+            ref.save_pretrained(path)
+            built[case] = (ref, DeepseekV2ForCausalLM.from_pretrained(path))
+        return built[case]
+
+    return get
+
+
+def full_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Logits a full forward (no cache) gives at the positions that predict each completion token."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()  # [L + C, V]
+    return logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]  # [C, V]
