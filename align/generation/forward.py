@@ -8,15 +8,12 @@ every projection except kv_b_proj is called as a module (kv_b_proj: see weights.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from align.generation.attention import decode_attention, prefill_attention
 from align.generation.cache import LatentCache
-from align.kernels.grouped_mm import grouped_linear
 from align.models.mla import attention_mask_for, document_ids
 from align.models.model import DeepseekV2ForCausalLM
-from align.models.moe import Experts
 
 
 def unwrap(model: nn.Module) -> DeepseekV2ForCausalLM:
@@ -39,35 +36,8 @@ def unwrap(model: nn.Module) -> DeepseekV2ForCausalLM:
     return base
 
 
-def _routed_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
-    """Experts.forward for the decode step, with two changes that keep it on the device and exact
-    from run to run: per-expert counts by an integer scatter-add (torch.bincount reads its maximum
-    back to the host on CUDA, which a CUDA graph cannot capture), and the k expert outputs of a
-    token summed in a fixed order (no floating-point atomics, so seeded sampling repeats bit for bit).
-    x [T, H], weights/chosen [T, k] -> [T, H]."""
-    tokens, k = chosen.shape
-    flat = chosen.reshape(-1)  # [T*k]
-    order = flat.argsort(stable=True)  # [T*k] routed slots sorted by expert
-    counts = torch.zeros(experts.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
-    counts.index_add_(0, flat, torch.ones_like(flat))  # [E]
-    gate, up = grouped_linear(x[order // k], experts.gate_up_proj, counts).chunk(2, dim=-1)  # [T*k, I]
-    out = grouped_linear(F.silu(gate) * up, experts.down_proj, counts)  # [T*k, H] in sorted order
-    out = out[order.argsort()].view(tokens, k, -1)  # [T, k, H] back in (token, choice) order
-    return (out * weights[..., None].to(out.dtype)).sum(1).to(x.dtype)  # [T, H]
-
-
-def _mlp(layer, h: torch.Tensor, capturable: bool) -> torch.Tensor:
-    if not layer.is_moe:
-        return layer.mlp(h)
-    moe = layer.mlp
-    if not capturable or type(moe.experts) is not Experts:  # e.g. PEFT-wrapped experts: call the module
-        return moe(h)[0]
-    flat = h.reshape(-1, h.shape[-1])  # [B*S, H]
-    weights, chosen, _ = moe.gate(flat)
-    out = _routed_experts(moe.experts, flat, weights, chosen).view_as(h)
-    if moe.shared_experts is not None:
-        out = out + moe.shared_experts(h)
-    return out
+def _mlp(layer, h: torch.Tensor) -> torch.Tensor:
+    return layer.mlp(h)[0] if layer.is_moe else layer.mlp(h)
 
 
 @torch.no_grad()
@@ -93,7 +63,7 @@ def prefill(
         if attn is None:
             break
         x = x + attn
-        x = x + _mlp(layer, layer.post_attention_layernorm(x), capturable=False)
+        x = x + _mlp(layer, layer.post_attention_layernorm(x))
 
 
 def decode_logits(
@@ -110,5 +80,5 @@ def decode_logits(
     for index, layer in enumerate(body.layers):
         h = layer.input_layernorm(x)
         x = x + decode_attention(layer.self_attn, h, cos, sin, cache, index, positions, attend_len)
-        x = x + _mlp(layer, layer.post_attention_layernorm(x), capturable=True)
+        x = x + _mlp(layer, layer.post_attention_layernorm(x))
     return model.lm_head(body.norm(x))[:, 0].float()  # [B, V]

@@ -85,16 +85,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/experts [T, k] -> sum_k weight * expert_k(x), [T, H]."""
-        k = experts.shape[1]
+        """x [T, H], weights/experts [T, k] -> sum_k weight * expert_k(x), [T, H].
+
+        No host synchronisation on the grouped-GEMM path (so the decode step can be CUDA-graph
+        captured): per-expert counts by an integer scatter-add (torch.bincount reads back to the host
+        on CUDA), and each token's k outputs summed in a fixed order instead of float atomics, so
+        results repeat bit for bit.
+        """
+        tokens, k = experts.shape
         flat = experts.reshape(-1)  # [T*k]
-        order = flat.argsort(stable=True)  # slots sorted by expert
-        token = order // k  # [T*k] token of each sorted slot
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # [E]
-        gate, up = grouped_linear(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)  # [T*k, I] each
-        out = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*k, H]
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        order = flat.argsort(stable=True)  # [T*k] routed slots sorted by expert
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # [E]
+        gate, up = grouped_linear(x[order // k], self.gate_up_proj, counts).chunk(2, dim=-1)  # [T*k, I] each
+        out = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*k, H], sorted by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        out = out[inverse].view(tokens, k, -1)  # [T, k, H] in (token, choice) order
+        return (out * weights[..., None].to(out.dtype)).sum(1).to(x.dtype)
 
 
 def balance_loss(

@@ -7,7 +7,6 @@ import torch
 
 import align.generation.engine as engine_module
 from align.generation import CacheError, GenerationEngine, LatentCache, generate
-from align.generation.forward import _routed_experts
 from align.models import build_model, preset_config
 
 from .conftest import full_logits
@@ -99,14 +98,6 @@ def test_cache_holds_only_the_latent():
     cache = LatentCache.for_model(config, slots=2, max_len=3, dtype=torch.bfloat16, device="meta")
     assert cache.data.shape == (27, 2, 3, 576)
     assert cache.bytes_per_token() == 27 * 576 * 2
-
-
-def test_sync_free_routed_experts_equal_module(tiny):
-    moe = tiny.model.layers[1].mlp
-    x = torch.randn(9, tiny.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    weights, chosen, _ = moe.gate(x)
-    with torch.no_grad():
-        torch.testing.assert_close(_routed_experts(moe.experts, x, weights, chosen), moe.experts(x, weights, chosen))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,106 @@
+"""The `align` command: thin argument parsing; the work lives in align.train / align.generation.
+
+    align sft recipe.yaml [key.sub=value ...]
+    align plot RUN_DIR
+    align generate ...            (when align.generation.cli exists)
+
+A subcommand is one `add_<name>_parser(subparsers)` function registered in SUBCOMMANDS; it sets
+`func` to a callable taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe file; a bare name such as `tiny_sft` also finds recipes/tiny_sft.yaml."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in (Path("recipes"), RECIPES_DIR):
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return path  # load_recipe reports the missing file
+
+
+def add_sft_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sft", help="supervised fine-tuning from a YAML recipe",
+        description="Supervised fine-tuning (LoRA or full) on chat data; see recipes/*.yaml.",
+    )
+    parser.add_argument("recipe", help="recipe YAML file (or a name in recipes/, e.g. tiny_sft)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. train.steps=100 optim.lr=1e-4 lora=null")
+    parser.set_defaults(func=run_sft_command)
+
+
+def run_sft_command(args: argparse.Namespace) -> int:
+    from align.recipe import SFTRecipe, load_recipe
+    from align.train.sft import run_sft
+
+    recipe = load_recipe(SFTRecipe, resolve_recipe_path(args.recipe), args.overrides)
+    run_sft(recipe)
+    return 0
+
+
+def add_plot_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
+    parser.set_defaults(func=run_plot_command)
+
+
+def run_plot_command(args: argparse.Namespace) -> int:
+    from align.train.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def add_generate_parser(subparsers) -> None:
+    """`align generate`, registered by align.generation.cli when that module exists."""
+    try:
+        module = importlib.import_module("align.generation.cli")
+    except ModuleNotFoundError as err:
+        if err.name not in ("align.generation.cli", "align.generation"):
+            raise
+        return
+    module.add_generate_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable] = [add_sft_parser, add_plot_parser, add_generate_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="SFT and GRPO for DeepSeek-V2-family models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. User errors (recipe, data, paths) print `error: ...` and exit 2; set
+    ALIGN_DEBUG=1 for the traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        if os.environ.get("ALIGN_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

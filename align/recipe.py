@@ -1,0 +1,432 @@
+"""Typed recipes: YAML files -> dataclass trees, with `key.sub=value` overrides and validation.
+
+The machinery is generic (any dataclass tree: `load_recipe(SFTRecipe, ...)`, and `align rl` with its
+own dataclasses); the SFT schema lives at the bottom of this file.
+
+Rules:
+- every YAML key must be a field of its section; an unknown key is an error naming the file, the
+  key and the closest valid key;
+- values are checked against the field's annotation (int, float, bool, str, Literal[...], X | None,
+  list[X], dict[str, Any], nested dataclasses, `Section | None` for optional sections);
+- an override `a.b=value` is parsed by the type of field `a.b` (so `output.run_dir=123` stays a
+  string) and `lora=null` switches an optional section off, `lora.r=8` switches it on;
+- after construction each dataclass's `validate()` method (if any) checks cross-field rules and
+  raises RecipeError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import operator
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+_NULL = ("null", "none", "~")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+class RecipeError(ValueError):
+    """A recipe (file or override) that does not match the schema; the message names key and fix."""
+
+
+# ----------------------------------------------------------------------------------------- types
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """X | None -> (X, True); X -> (X, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != len(typing.get_args(tp)):
+            return functools.reduce(operator.or_, args), True
+    return tp, False
+
+
+def type_name(tp: Any) -> str:
+    inner, optional = _split_optional(tp)
+    if optional:
+        return f"{type_name(inner)} or null"
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+    if origin in (list, Sequence):
+        return f"list of {type_name(typing.get_args(inner)[0])}"
+    if origin in (dict, Mapping):
+        return "mapping"
+    if _is_section(inner):
+        return f"section ({', '.join(f.name for f in dataclasses.fields(inner))})"
+    return getattr(inner, "__name__", str(inner))
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def _fail(where: str, key: str, tp: Any, value: Any) -> RecipeError:
+    return RecipeError(f"{where}: key '{key}' expects {type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _scalar(value: Any, tp: Any, where: str, key: str, shown: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise _fail(where, key, shown, value)
+
+
+def convert(value: Any, tp: Any, where: str, key: str, root: type | None = None) -> Any:
+    """A YAML value checked (and lightly coerced) against annotation `tp`."""
+    inner, optional = _split_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise _fail(where, key, tp, value)
+    origin = typing.get_origin(inner)
+    if _is_section(inner):
+        if not isinstance(value, Mapping):
+            raise _fail(where, key, tp, value)
+        return build(inner, value, where, key, root)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value in choices and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{where}: key '{key}' expects {type_name(inner)}, got {value!r}{hint}")
+    if origin in (list, Sequence):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise _fail(where, key, tp, value)
+        (item,) = typing.get_args(inner)
+        return [convert(v, item, where, f"{key}[{i}]", root) for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _fail(where, key, tp, value)
+        return {str(k): v for k, v in value.items()}
+    return _scalar(value, inner, where, key, tp)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _unknown_key(root: type, cls: type, name: str, where: str, prefix: str) -> RecipeError:
+    """The error for key `name` in section `prefix`, with the closest valid key anywhere in `root`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        suggestion = _join(prefix, close[0])
+    else:  # maybe it belongs to another section (e.g. 'lr' under 'train')
+        paths = all_keys(root)
+        near = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+        near = near or difflib.get_close_matches(_join(prefix, name), paths, n=1, cutoff=0.6)
+        suggestion = near[0] if near else None
+    hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+    section = f"section '{prefix}'" if prefix else "the top level"
+    return RecipeError(
+        f"{where}: unknown key '{_join(prefix, name)}'{hint} (valid keys in {section}: {', '.join(names)})"
+    )
+
+
+def build(
+    cls: type[T], data: Mapping[str, Any], where: str = "<recipe>", prefix: str = "", root: type | None = None
+) -> T:
+    """Construct dataclass `cls` from a mapping, recursively, checking every key and value.
+
+    Sections left out are built from their defaults, so their validate() runs too."""
+    root = root or cls
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        if name not in hints or name not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown_key(root, cls, str(name), where, prefix)
+        kwargs[name] = convert(value, hints[name], where, _join(prefix, name), root)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and _is_section(hints[f.name]):
+            kwargs[f.name] = build(hints[f.name], {}, where, _join(prefix, f.name), root)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(where)
+    return obj
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass tree (sections included)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        out.append(key)
+        inner, _ = _split_optional(_hints(cls)[f.name])
+        if _is_section(inner):
+            out += all_keys(inner, key)
+    return out
+
+
+# ------------------------------------------------------------------------------------- overrides
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_override_value(text: str, tp: Any) -> Any:
+    inner, optional = _split_optional(tp)
+    if optional and text.strip().lower() in _NULL:
+        return None
+    literal_strs = typing.get_origin(inner) is Literal and all(isinstance(a, str) for a in typing.get_args(inner))
+    if inner is str or literal_strs:
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(cls: type, data: dict[str, Any], item: str, where: str = "override") -> None:
+    """Apply `a.b.c=value` to the raw recipe mapping `data`, parsing value by the field's type."""
+    if "=" not in item:
+        raise RecipeError(f"{where} {item!r}: expected key=value (e.g. train.steps=100)")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    section, node, prefix = cls, data, ""
+    for i, name in enumerate(parts):
+        if not _is_section(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            if not _is_section(section):
+                raise RecipeError(f"{where} {item!r}: '{prefix}' is not a section; it has no key '{name}'")
+            raise _unknown_key(cls, section, name, f"{where} {item!r}", prefix)
+        tp = _hints(section)[name]
+        prefix = f"{prefix}.{name}" if prefix else name
+        if i == len(parts) - 1:
+            value = _parse_override_value(text, tp)
+            convert(value, tp, f"{where} {item!r}", prefix, cls)  # type check now, for a precise message
+            node[name] = value
+            return
+        inner, _ = _split_optional(tp)
+        if typing.get_origin(inner) in (dict, Mapping):  # free-form mapping: the rest is its key
+            sub = node.get(name) or {}
+            sub[".".join(parts[i + 1:])] = _parse_override_value(text, Any)
+            node[name] = sub
+            return
+        if not isinstance(node.get(name), dict):
+            node[name] = {}  # absent or null section: start from its defaults
+        section, node = inner, node[name]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Read a YAML recipe (None = all defaults), apply `key=value` overrides, build and validate."""
+    data = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    for item in overrides:
+        apply_override(cls, data, item)
+    return build(cls, data, where)
+
+
+def dump_recipe(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None, width=100)
+
+
+# ------------------------------------------------------------------------------------ SFT schema
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = None  # a named random-init shape (align.models.presets): tiny, deepseek-v2-lite
+    path: str | None = None  # or a local Hugging Face checkpoint directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights
+    seed: int = 0  # initialisation seed of a preset
+    config: dict[str, Any] = field(default_factory=dict)  # preset config overrides (e.g. num_hidden_layers)
+
+    def validate(self, where: str) -> None:
+        if (self.preset is None) == (self.path is None):
+            raise RecipeError(f"{where}: set exactly one of 'model.preset' or 'model.path'")
+        if self.config and self.path is not None:
+            raise RecipeError(f"{where}: 'model.config' overrides apply to presets only, not 'model.path'")
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = None  # 'tiny', a local tokenizer directory, or null = model.path (else 'tiny')
+    chat_template: Literal["deepseek_v2"] | None = None  # replace the tokenizer's template
+
+
+@dataclass
+class SyntheticSection:
+    """Arithmetic chats from data_tools.synthetic, written to <run_dir>/data/{train,test}.jsonl."""
+
+    train: int = 10000
+    test: int = 200
+    seed: int = 0
+    max_operand: int = 99
+    ops: str = "+-"
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # JSONL / JSON / parquet file or dataset directory
+    eval: str | None = None
+    train_split: str | None = None  # split of a dataset directory (default 'train')
+    eval_split: str | None = None
+    eval_fraction: float = 0.0  # hold out this share of train rows when `eval` is not given
+    synthetic: SyntheticSection | None = None  # instead of `train` / `eval`
+    max_length: int = 2048
+    packing: bool = True  # best-fit packing into rows of `max_length` tokens
+    train_on: Literal["assistant", "all"] = "assistant"
+    truncation: Literal["right", "drop"] = "right"
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self, where: str) -> None:
+        if (self.train is None) == (self.synthetic is None):
+            raise RecipeError(f"{where}: set exactly one of 'data.train' or 'data.synthetic'")
+        if self.max_length < 2:
+            raise RecipeError(f"{where}: 'data.max_length' must be at least 2, got {self.max_length}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise RecipeError(f"{where}: 'data.eval_fraction' must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class LoRASection:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # only 0 with MLP / expert targets (peft's parameter-targeted LoRA)
+    targets: list[str] | None = None  # null = DeepSeek-V2 defaults (align.train.lora.DEFAULT_TARGETS)
+    routed_experts: bool = False  # also adapt the stacked routed-expert weights
+
+    def validate(self, where: str) -> None:
+        if self.r < 1:
+            raise RecipeError(f"{where}: 'lora.r' must be positive, got {self.r}")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only, never on norms or biases
+
+    def validate(self, where: str) -> None:
+        if len(self.betas) != 2:
+            raise RecipeError(f"{where}: 'optim.betas' must hold two values, got {self.betas}")
+
+
+@dataclass
+class ScheduleSection:
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
+    step_at: list[float] = field(default_factory=lambda: [0.8, 0.9])  # step: fractions of the steps
+    step_factor: float = 0.316  # step: lr multiplier at each of `step_at` (DeepSeek-V2)
+
+
+@dataclass
+class TrainSection:
+    steps: int | None = None  # optimizer steps; or
+    epochs: float | None = None  # passes over the training rows
+    micro_batch_size: int = 8  # rows per process per forward
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = True  # bf16 autocast where supported (CUDA); CPU runs float32
+    gradient_checkpointing: bool = False
+    aux_loss_alpha: float | None = None  # MoE balance-loss coefficient; null = the model config's
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
+    log_every: int = 1
+    eval_every: int = 0  # 0 = at the end only
+    save_every: int = 0  # 0 = at the end only
+    keep_checkpoints: int | None = None  # keep only the newest N step checkpoints
+
+    def validate(self, where: str) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise RecipeError(f"{where}: set exactly one of 'train.steps' or 'train.epochs'")
+        for name in ("micro_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{where}: 'train.{name}' must be at least 1, got {getattr(self, name)}")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise RecipeError(f"{where}: 'train.steps' / 'train.epochs' must be positive")
+
+
+@dataclass
+class EvalSection:
+    exact_match: bool = False  # greedy-decode eval prompts, compare the answer (data_tools.synthetic)
+    samples: int | None = None  # at most this many eval rows for exact match (null = all)
+    max_new_tokens: int = 16
+    batch_size: int = 64  # prompts per decode batch; also rows per eval-loss batch
+
+
+@dataclass
+class OutputSection:
+    run_dir: str = "runs/sft"
+    merge: bool = True  # write <run_dir>/final: merged full HF checkpoint + tokenizer
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, trackio, ...
+    progress: bool = True
+
+
+@dataclass
+class SFTRecipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoRASection | None = None  # null = full fine-tuning
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)

@@ -1,0 +1,148 @@
+"""Evaluation: token-mean eval loss, and greedy exact match on chat prompts.
+
+Both shard the rows over processes with equal counts (padding with masked copies), so every
+process runs the same forwards; that keeps FSDP's collectives in step.
+
+`generate` is the single switch point for decoding: today a plain batched greedy loop of full
+forwards (left padding, no cache); the fast engine (align.generation) can replace it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shard(items: Sequence, rank: int, world: int) -> tuple[list, int]:
+    """Rank's strided share of `items`, padded (with copies of the first item) to ceil(n / world).
+
+    Returns (share, number of real items in it)."""
+    per_rank = -(-len(items) // world) if items else 0
+    mine = list(items[rank::world])
+    real = len(mine)
+    if items:
+        mine += [items[0]] * (per_rank - real)
+    return mine, real
+
+
+@torch.no_grad()
+def eval_loss(
+    model, rows: Sequence[Mapping], collate: Callable[[list], dict], batch_size: int, accelerator
+) -> float:
+    """Mean cross-entropy over every trained token of `rows` (all processes together)."""
+    mine, real = shard(rows, accelerator.process_index, accelerator.num_processes)
+    device = accelerator.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, tokens]
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size]).items()}
+        if start + batch_size > real:  # padding copies: keep the forward, drop their tokens
+            first_fake = max(0, real - start)
+            batch["labels"][first_fake:] = IGNORE_INDEX
+        with accelerator.autocast():
+            out = model(**batch, num_items_in_batch=1, return_logits=False)
+        total[0] += out.loss.double()
+        total[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+    all_done: Callable[[bool], bool] = lambda done: done, autocast=None,
+) -> list[list[int]]:
+    """Greedy completions (token ids, EOS excluded) of each prompt; `all_done` lets processes agree
+    on stopping (every process must run the same number of forwards under FSDP)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1).masked_fill(finished, pad_id)
+        out.append(token)
+        finished |= token == eos_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, (~finished | (token == eos_id)).long()[:, None]], dim=1)
+        if all_done(bool(finished.all())):
+            break
+    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in tokens]
+
+
+def prompt_and_answer(row: Mapping) -> tuple[object, str]:
+    """(prompt, reference answer) of an eval row: `prompt` + `answer` columns, else the messages
+    before the final assistant turn and that turn's content."""
+    messages = row.get("messages")
+    prompt = row.get("prompt")
+    if prompt is None and messages:
+        prompt = messages[:-1]
+    answer = row.get("answer")
+    if answer is None and messages and messages[-1].get("role") == "assistant":
+        answer = messages[-1]["content"]
+    if prompt is None or answer is None:
+        raise ValueError(
+            f"exact-match eval needs 'prompt' + 'answer' columns or 'messages' ending with an assistant "
+            f"reply; got columns {sorted(row)}"
+        )
+    return prompt, str(answer)
+
+
+def exact_match_eval(
+    model, tokenizer, rows: Sequence[Mapping], max_new_tokens: int, batch_size: int, accelerator
+) -> tuple[float, list[dict]]:
+    """Share of rows whose greedy reply has the reference answer (data_tools.synthetic.exact_match),
+    and a few examples {prompt, completion, answer, correct} from the main process."""
+    from data_tools.chat import render_prompt
+    from data_tools.synthetic import exact_match
+
+    mine, real = shard(rows, accelerator.process_index, accelerator.num_processes)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    multi = accelerator.num_processes > 1
+
+    def all_done(done: bool) -> bool:
+        if not multi:
+            return done
+        flag = torch.tensor([0.0 if done else 1.0], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() == 0
+
+    was_training = model.training
+    model.eval()
+    correct, samples = 0, []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        pairs = [prompt_and_answer(r) for r in chunk]
+        prompts = [render_prompt(tokenizer, p) for p, _ in pairs]
+        completions = generate(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id, all_done,
+                               accelerator.autocast)
+        for i, ((prompt, answer), ids) in enumerate(zip(pairs, completions, strict=True)):
+            if start + i >= real:
+                continue
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ok = exact_match(text, answer)
+            correct += ok
+            if len(samples) < 5:
+                samples.append({"prompt": prompt, "completion": text, "answer": answer, "correct": ok})
+    model.train(was_training)
+    counts = torch.tensor([float(correct), float(real)], device=accelerator.device)
+    if multi:
+        counts = accelerator.reduce(counts, reduction="sum")
+    return (counts[0] / counts[1].clamp(min=1)).item(), samples
