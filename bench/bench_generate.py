@@ -37,6 +37,9 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[
     return torch.randint(2, vocab - 2, (batch, length), generator=gen).tolist()
 
 
+COMPILE = False
+
+
 def step_ms(engine: GenerationEngine, attend_len: int, max_new: int, reps: int) -> float:
     """Decode-step time with every slot live (state saved and restored around the timing)."""
     st, device = engine.state, engine.device
@@ -64,7 +67,7 @@ def step_ms(engine: GenerationEngine, attend_len: int, max_new: int, reps: int) 
 
 
 def bench_ours(model, batch: int, prompt_len: int, new: int, reps: int, device: torch.device) -> dict:
-    engine = GenerationEngine(model, max_batch=batch)
+    engine = GenerationEngine(model, max_batch=batch, compile=COMPILE)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, seed=batch)
     kwargs = {"max_new_tokens": new, "temperature": 1.0, "seed": 0}
     engine.generate(prompts, **kwargs)  # warm-up: allocates buffers, captures the graphs
@@ -162,7 +165,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--step-reps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
 
     if args.smoke:
         preset, dtype, device = "tiny", torch.float32, torch.device("cpu")
@@ -184,6 +190,7 @@ def main() -> None:
     import transformers
 
     result["transformers"] = transformers.__version__
+    result["compile"] = args.compile
     result["greedy_probe"] = greedy_probe(model, prompt_len, min(new, 32), device)
     print(json.dumps(result["greedy_probe"]), flush=True)
     result["ours"] = []

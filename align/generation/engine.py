@@ -24,6 +24,7 @@ from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.sampling import SamplingParams, choose
+from align.kernels.grouped_mm import grouped_mm_available
 
 STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
 
@@ -64,13 +65,15 @@ class GenerationEngine:
     max_batch: slots decoded together. max_len: cache positions per slot (default: what each call
     needs, rounded up to attend_bucket). refill_every: decode steps between host checks for finished
     rows. prefill_tokens: packed prompt tokens per prefill pass. cuda_graphs: capture the decode step
-    (default: on for CUDA models). attend_bucket: the attention length a graph covers is rounded up
-    to a multiple of this, so graphs are few while attention reads about as many rows as are live.
+    (default: on where the MoE step is sync-free, i.e. bf16 on Hopper). attend_bucket: the attention
+    length a graph covers is rounded up to a multiple of this, so graphs are few while attention
+    reads about as many rows as are live. compile: torch.compile the decode step (then captured).
     """
 
     def __init__(
         self, model: nn.Module, *, max_batch: int = 256, max_len: int | None = None, refill_every: int = 8,
         prefill_tokens: int = 4096, cuda_graphs: bool | None = None, attend_bucket: int = 128,
+        compile: bool = False,
     ):
         for name, value in (("max_batch", max_batch), ("refill_every", refill_every),
                             ("prefill_tokens", prefill_tokens), ("attend_bucket", attend_bucket)):
@@ -83,7 +86,12 @@ class GenerationEngine:
         self.device, self.dtype = weight.device, self.lm.model.embed_tokens.weight.dtype
         self.max_batch, self.max_len, self.refill_every = max_batch, max_len, refill_every
         self.prefill_tokens, self.attend_bucket = prefill_tokens, attend_bucket
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        # by default only where the MoE step is sync-free (grouped GEMM); a failed capture can leave
+        # the CUDA RNG in capture mode, so it is not attempted where it is known to fail
+        capturable = grouped_mm_available(self.device, self.dtype)
+        self.use_graphs = capturable if cuda_graphs is None else bool(cuda_graphs)
+        # torch.compile fuses the step's elementwise work (norms, rope, casts) into fewer kernels
+        self.decode = torch.compile(decode_logits, dynamic=False) if compile else decode_logits
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.cache: LatentCache | None = None
@@ -160,7 +168,7 @@ class GenerationEngine:
     def step(self, attend_len: int, sampling: SamplingParams, max_new: int) -> None:
         """One decode step over all slots: static shapes, device-only state updates."""
         st = self.state
-        logits = decode_logits(self.lm, self.cache, st.tokens, st.positions, attend_len)  # [B, V]
+        logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len)  # [B, V]
         token, logprob = choose(logits, sampling, st.uniform)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)

@@ -39,12 +39,16 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: torc
     return out[group, rank]
 
 
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the sync-free grouped-GEMM path runs on this device and dtype (given aligned dims)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
-        return False
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
+    if weight.dtype != x.dtype or not grouped_mm_available(x.device, x.dtype):
         return False
     return x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0
 

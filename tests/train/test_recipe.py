@@ -1,0 +1,206 @@
+"""Recipes: YAML -> typed dataclasses, overrides, error messages; optimizer schedules; LoRA targets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.recipe import RecipeError, SFTRecipe, dump_recipe, load_recipe, read_yaml, to_dict
+from align.train.lora import lora_config
+from align.train.optim import build_optimizer, build_scheduler
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TINY = RECIPES / "tiny_sft.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "model: {preset: tiny}\ndata: {train: rows.jsonl}\ntrain: {steps: 3}\n"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_opens_with_its_launch_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("align sft" in first or "align.cli sft" in first), first
+    assert f"recipes/{path.name}" in first, first
+    recipe = load_recipe(SFTRecipe, path)
+    assert isinstance(recipe, SFTRecipe)
+
+
+def test_tiny_recipe_values():
+    recipe = load_recipe(SFTRecipe, TINY)
+    assert recipe.model.preset == "tiny" and recipe.lora is None
+    assert recipe.data.synthetic is not None and recipe.eval.exact_match
+    assert recipe.output.run_dir == "runs/tiny_sft"
+    assert isinstance(recipe.optim.lr, float)
+
+
+def test_overrides_are_parsed_by_field_type(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(SFTRecipe, path, [
+        "train.steps=7", "optim.lr=1e-4", "train.bf16=false", "optim.betas=0.8,0.9",
+        "train.max_grad_norm=null", "data.train_on=all", "output.run_dir=123", "model.config.num_hidden_layers=2",
+        "lora.r=4", "schedule.step_at=[0.5, 0.75]",
+    ])
+    assert recipe.train.steps == 7 and recipe.optim.lr == 1e-4 and recipe.train.bf16 is False
+    assert recipe.optim.betas == [0.8, 0.9] and recipe.train.max_grad_norm is None
+    assert recipe.data.train_on == "all" and recipe.output.run_dir == "123"
+    assert recipe.model.config == {"num_hidden_layers": 2}
+    assert recipe.lora is not None and recipe.lora.r == 4 and recipe.lora.alpha == 32.0  # defaults filled
+    assert recipe.schedule.step_at == [0.5, 0.75]
+    assert load_recipe(SFTRecipe, path, ["lora.r=4", "lora=null"]).lora is None
+
+
+def test_yaml_float_written_without_dot_is_accepted(tmp_path):
+    recipe = load_recipe(SFTRecipe, write(tmp_path, MINIMAL + "optim: {lr: 1e-4}\n"))
+    assert recipe.optim.lr == 1e-4
+
+
+def test_unknown_yaml_key_names_file_key_and_closest(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("steps: 3", "stepz: 3"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(SFTRecipe, path)
+    message = str(err.value)
+    assert str(path) in message and "'train.stepz'" in message and "did you mean 'train.steps'" in message
+
+
+def test_misplaced_key_points_to_its_section(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown key 'train.lr'; did you mean 'optim.lr'"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["train.lr=0.1"])
+
+
+def test_unknown_override_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["optim.weight_decy=0"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.micro_batch_size=abc", r"key 'train.micro_batch_size' expects int, got 'abc'"),
+    ("train.steps=1.5", r"key 'train.steps' expects int or null, got 1.5"),
+    ("train.bf16=maybe", r"key 'train.bf16' expects bool, got 'maybe'"),
+    ("data.truncation=left", r"key 'data.truncation' expects one of 'right', 'drop', got 'left'"),
+    ("optim.betas=[a, b]", r"key 'optim.betas\[0\]' expects float, got 'a'"),
+    ("data.train_on=assistent", r"did you mean 'assistant'"),
+])
+def test_wrong_types_name_key_expected_and_got(tmp_path, override, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), [override])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim: {lr: fast}\n")
+    with pytest.raises(RecipeError, match=rf"{path}: key 'optim.lr' expects float, got 'fast'"):
+        load_recipe(SFTRecipe, path)
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(RecipeError, match="exactly one of 'model.preset' or 'model.path'"):
+        load_recipe(SFTRecipe, write(tmp_path, "data: {train: x}\ntrain: {steps: 1}\n"))
+    with pytest.raises(RecipeError, match="exactly one of 'train.steps' or 'train.epochs'"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["train.epochs=1"])
+    with pytest.raises(RecipeError, match="exactly one of 'data.train' or 'data.synthetic'"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["data.synthetic.train=10"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["train.steps"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(SFTRecipe, tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(SFTRecipe, write(tmp_path, "- a\n- b\n"))
+
+
+def test_dump_round_trips(tmp_path):
+    recipe = load_recipe(SFTRecipe, TINY, ["lora.r=4", "optim.lr=5e-4"])
+    again = load_recipe(SFTRecipe, write(tmp_path, dump_recipe(recipe)))
+    assert to_dict(again) == to_dict(recipe)
+    assert read_yaml(tmp_path / "recipe.yaml")["lora"]["r"] == 4
+
+
+# ------------------------------------------------------------------------------------ schedules
+
+
+def lrs(name: str, total: int = 100, **kw) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = build_scheduler(opt, name, total, **kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_schedule_warmup_then_decay_to_floor():
+    values = lrs("cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
+    mid = 10 + (100 - 10 - 1) / 2
+    assert lrs("cosine", warmup_steps=10)[math.ceil(mid)] == pytest.approx(0.5, abs=0.02)
+    assert all(a >= b for a, b in zip(values[9:], values[10:], strict=False))
+
+
+def test_step_schedule_is_deepseeks():
+    values = lrs("step", warmup_steps=5)
+    assert values[4] == pytest.approx(1.0) and values[79] == pytest.approx(1.0)
+    assert values[80] == pytest.approx(0.316) and values[89] == pytest.approx(0.316)
+    assert values[90] == pytest.approx(0.316**2) and values[-1] == pytest.approx(0.316**2)
+
+
+def test_constant_schedule():
+    values = lrs("constant", warmup_steps=4)
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and set(values[4:]) == {1.0}
+
+
+def test_adamw_decays_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and [p.ndim for p in decayed["params"]] == [2]
+    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from align.models import build_model
+
+    return build_model("tiny", num_hidden_layers=2)
+
+
+def test_lora_default_targets(tiny_model):
+    config = lora_config(tiny_model, r=4)
+    assert set(config.target_modules) == {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    assert set(config.target_parameters) == {
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight", "shared_experts.down_proj.weight",
+    }
+    with_experts = lora_config(tiny_model, r=4, routed_experts=True)
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(with_experts.target_parameters)
+
+
+def test_lora_query_compression_targets():
+    from align.models import build_model
+
+    model = build_model("tiny", num_hidden_layers=1, q_lora_rank=16)
+    assert {"q_a_proj", "q_b_proj"} <= set(lora_config(model).target_modules)
+
+
+def test_lora_bad_targets(tiny_model):
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\] match no Linear module"):
+        lora_config(tiny_model, targets=["q_proj", "qkv_proj"])
+    with pytest.raises(ValueError, match="supports no dropout"):
+        lora_config(tiny_model, dropout=0.1)
+    assert lora_config(tiny_model, dropout=0.1, targets=["q_proj", "o_proj"]).lora_dropout == 0.1
