@@ -408,6 +408,7 @@ class EvalSection:
     samples: int | None = None  # at most this many eval rows for exact match (null = all)
     max_new_tokens: int = 16
     batch_size: int = 64  # prompts per decode batch; also rows per eval-loss batch
+    engine: bool = False  # decode with align.generation's engine (KV cache) instead of full forwards
 
 
 @dataclass

@@ -4,7 +4,7 @@ Layout of `<run_dir>/checkpoints/step-000100/`:
     adapter/             LoRA runs: a PEFT adapter directory (adapter_config.json +
                          adapter_model.safetensors), loadable with peft onto transformers' DeepseekV2
     model/               full fine-tuning: a hub-layout checkpoint (config.json + safetensors) + tokenizer
-    optimizer.pt         AdamW state (FSDP: the gathered full state, so any world size can resume)
+    optimizer.pt         AdamW state by parameter name, unsharded (any world size / mode can resume)
     scheduler.pt         LambdaLR state
     rng/rank-<r>.pt      python / numpy / torch (/ CUDA) RNG states of each process
     trainer_state.json   step, rows consumed (the data position), world size, total steps
@@ -135,30 +135,32 @@ def load_adapter_weights(peft_model, adapter_dir: str | Path) -> None:
 # ------------------------------------------------------------------------------ optimizer state
 
 
-def optimizer_state(model, optimizer, sharded: bool) -> dict:
-    if not sharded:
-        return optimizer.state_dict()
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    """Without a DDP wrapper (its `module.` prefix would leak into parameter names)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """AdamW state keyed by parameter names, unsharded: resumable by any world size and mode
+    (a collective under FSDP: every process calls it; complete on the main process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    return get_optimizer_state_dict(_bare(model), optimizer, options=options)
 
 
-def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
+def load_optimizer_state(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(_bare(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # ------------------------------------------------------------------------------- save / restore
 
 
-def save_training_state(tmp: Path, model, optimizer, scheduler, state: dict, accelerator, sharded: bool) -> None:
+def save_training_state(tmp: Path, model, optimizer, scheduler, state: dict, accelerator) -> None:
     """Everything but the weights: optimizer, scheduler, RNG of every process, trainer state."""
-    optim = optimizer_state(model, optimizer, sharded)  # a collective under FSDP: every rank calls it
+    optim = optimizer_state(model, optimizer)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -171,11 +173,11 @@ def read_trainer_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def restore_training_state(path: Path, model, optimizer, scheduler, accelerator, sharded: bool) -> dict:
+def restore_training_state(path: Path, model, optimizer, scheduler, accelerator) -> dict:
     """Load optimizer / scheduler / RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(path)
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    load_optimizer_state(model, optimizer, optim, sharded)
+    load_optimizer_state(model, optimizer, optim)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rank_file = path / "rng" / f"rank-{accelerator.process_index}.pt"
     if not rank_file.is_file():  # a different world size: fall back to rank 0's streams

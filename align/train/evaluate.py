@@ -3,8 +3,10 @@
 Both shard the rows over processes with equal counts (padding with masked copies), so every
 process runs the same forwards; that keeps FSDP's collectives in step.
 
-`generate` is the single switch point for decoding: today a plain batched greedy loop of full
-forwards (left padding, no cache); the fast engine (align.generation) can replace it here.
+`generate` is the single switch point for decoding: a plain batched greedy loop of full forwards
+(left padding, no cache; every process runs the same forwards, so it also works under FSDP), or,
+with `engine=True`, the rollout engine align.generation.generate (latent KV cache; temperature 0)
+for unsharded models.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -28,9 +31,30 @@ def shard(items: Sequence, rank: int, world: int) -> tuple[list, int]:
     return mine, real
 
 
+def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of the trained tokens / n_items, MoE balance loss or 0).
+
+    With `head` (the output Linear, usable outside the wrapped forward: one process, or DDP with a
+    frozen head), logits are computed only where a label is trained; a chat batch trains ~20% of
+    its positions, so this skips most of the LM head and its softmax. Without it, the model's own
+    transformers causal-LM loss (all positions) is used. Same value either way."""
+    if head is None:
+        out = model(**batch, num_items_in_batch=n_items, return_logits=False)
+        aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
+        return out.loss - aux, aux
+    labels = batch["labels"]
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # position t predicts label t + 1
+    logits = head(out.last_hidden_state[:, :-1][keep]).float()  # [trained tokens, vocab]
+    ce = F.cross_entropy(logits, targets[keep], reduction="sum") / n_items
+    aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
+    return ce, aux
+
+
 @torch.no_grad()
 def eval_loss(
-    model, rows: Sequence[Mapping], collate: Callable[[list], dict], batch_size: int, accelerator
+    model, rows: Sequence[Mapping], collate: Callable[[list], dict], batch_size: int, accelerator, head=None
 ) -> float:
     """Mean cross-entropy over every trained token of `rows` (all processes together)."""
     mine, real = shard(rows, accelerator.process_index, accelerator.num_processes)
@@ -44,8 +68,8 @@ def eval_loss(
             first_fake = max(0, real - start)
             batch["labels"][first_fake:] = IGNORE_INDEX
         with accelerator.autocast():
-            out = model(**batch, num_items_in_batch=1, return_logits=False)
-        total[0] += out.loss.double()
+            ce, _ = trained_token_loss(model, batch, 1, head)
+        total[0] += ce.double()
         total[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     model.train(was_training)
     total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
@@ -62,13 +86,26 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def generate(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-    all_done: Callable[[bool], bool] = lambda done: done, autocast=None,
+    all_done: Callable[[bool], bool] = lambda done: done, autocast=None, engine: bool = False,
 ) -> list[list[int]]:
     """Greedy completions (token ids, EOS excluded) of each prompt; `all_done` lets processes agree
     on stopping (every process must run the same number of forwards under FSDP)."""
+    if engine:
+        from align.generation import generate as engine_generate
+
+        results = engine_generate(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                  temperature=0.0, eos_token_id=eos_id)
+        return [[t for t in r[0].token_ids if t != eos_id] for r in results]
+    return greedy_loop(model, prompts, max_new_tokens, eos_id, pad_id, all_done, autocast)
+
+
+@torch.no_grad()
+def greedy_loop(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+    all_done: Callable[[bool], bool], autocast=None,
+) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -107,7 +144,8 @@ def prompt_and_answer(row: Mapping) -> tuple[object, str]:
 
 
 def exact_match_eval(
-    model, tokenizer, rows: Sequence[Mapping], max_new_tokens: int, batch_size: int, accelerator
+    model, tokenizer, rows: Sequence[Mapping], max_new_tokens: int, batch_size: int, accelerator,
+    engine: bool = False,
 ) -> tuple[float, list[dict]]:
     """Share of rows whose greedy reply has the reference answer (data_tools.synthetic.exact_match),
     and a few examples {prompt, completion, answer, correct} from the main process."""
@@ -132,7 +170,7 @@ def exact_match_eval(
         pairs = [prompt_and_answer(r) for r in chunk]
         prompts = [render_prompt(tokenizer, p) for p, _ in pairs]
         completions = generate(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id, all_done,
-                               accelerator.autocast)
+                               accelerator.autocast, engine)
         for i, ((prompt, answer), ids) in enumerate(zip(pairs, completions, strict=True)):
             if start + i >= real:
                 continue
@@ -142,7 +180,7 @@ def exact_match_eval(
             if len(samples) < 5:
                 samples.append({"prompt": prompt, "completion": text, "answer": answer, "correct": ok})
     model.train(was_training)
-    counts = torch.tensor([float(correct), float(real)], device=accelerator.device)
+    counts = torch.tensor([float(correct), float(real)], dtype=torch.float64, device=accelerator.device)
     if multi:
         counts = accelerator.reduce(counts, reduction="sum")
     return (counts[0] / counts[1].clamp(min=1)).item(), samples

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 
 from align.recipe import SFTRecipe, dump_recipe, to_dict
 from align.train import checkpointing as ckpt
-from align.train.evaluate import eval_loss, exact_match_eval
+from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.metrics import MetricsWriter, bar_postfix, check_trackers, progress_bar
 from align.train.optim import build_optimizer, build_scheduler
@@ -253,6 +253,16 @@ class Setup:
     base_ref: str | None
     resume: Path | None
     start_step: int = 0
+    head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
+
+
+def loss_head(model, mode: str, accelerator: Accelerator):
+    """The output Linear for the trained-positions-only loss: one process, or DDP with a frozen head
+    (FSDP shards it, and DDP expects trained parameters to be used inside its forward)."""
+    head = unwrapped(model, accelerator).get_output_embeddings()
+    if mode == "single" or (mode == "ddp" and not head.weight.requires_grad):
+        return head
+    return None
 
 
 def setup_model(
@@ -277,9 +287,9 @@ def setup_model(
     o, s = recipe.optim, recipe.schedule
     optimizer = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay)
     scheduler = build_scheduler(optimizer, s.name, steps, s.warmup_steps, s.min_lr_ratio, s.step_at, s.step_factor)
-    setup = Setup(model, optimizer, scheduler, mode, base_ref, resume)
+    setup = Setup(model, optimizer, scheduler, mode, base_ref, resume, head=loss_head(model, mode, accelerator))
     if resume is not None:
-        state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator, mode == "fsdp")
+        state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator)
         if state["rows_consumed"] != state["step"] * rows_per_step:
             raise ValueError(
                 f"resume_from {resume}: it was trained with {state['rows_consumed'] // state['step']} rows per "
@@ -317,10 +327,8 @@ def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTR
     for m, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with grad_sync(model, m == len(batches) - 1, setup.mode):
-            with accelerator.autocast():
-                out = model(**batch, num_items_in_batch=n_items, return_logits=False)
-            aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
-            ce = out.loss - aux  # this micro-batch's summed CE / trained tokens of the global batch
+            with accelerator.autocast():  # ce: this micro-batch's summed CE / trained tokens of the global batch
+                ce, aux = trained_token_loss(model, batch, n_items, setup.head)
             # x world: DDP / FSDP average gradients over processes; the aux loss is a per-micro mean
             accelerator.backward(ce * world + aux / len(batches))
         sums += torch.stack([ce.detach().double(), aux.detach().double() / len(batches)])
@@ -364,7 +372,7 @@ def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accel
                 model.save_pretrained(tmp / "model", state_dict=state)
                 tokenizer.save_pretrained(tmp / "model")
         ckpt.save_training_state(tmp, setup.model, setup.optimizer, setup.scheduler,
-                                 {"step": step, **extra}, accelerator, sharded)
+                                 {"step": step, **extra}, accelerator)
     if accelerator.is_main_process:
         ckpt.prune_checkpoints(recipe.output.run_dir, recipe.train.keep_checkpoints)
     return out
@@ -389,11 +397,13 @@ def evaluate(setup: Setup, data: SFTData, tokenizer, recipe: SFTRecipe, accelera
     model = unwrapped(setup.model, accelerator) if setup.mode == "ddp" else setup.model
     metrics = {}
     if data.eval:
-        metrics["eval/loss"] = eval_loss(model, data.eval, data.collate, recipe.eval.batch_size, accelerator)
+        metrics["eval/loss"] = eval_loss(model, data.eval, data.collate, recipe.eval.batch_size, accelerator,
+                                         setup.head)
     if final and recipe.eval.exact_match and data.eval_rows:
         rows = data.eval_rows[: recipe.eval.samples] if recipe.eval.samples else data.eval_rows
+        engine = recipe.eval.engine and setup.mode != "fsdp"  # the engine needs an unsharded model
         score, samples = exact_match_eval(model, tokenizer, rows, recipe.eval.max_new_tokens,
-                                          recipe.eval.batch_size, accelerator)
+                                          recipe.eval.batch_size, accelerator, engine)
         metrics["eval/exact_match"] = score
         metrics["_samples"] = samples
     return metrics
@@ -402,11 +412,22 @@ def evaluate(setup: Setup, data: SFTData, tokenizer, recipe: SFTRecipe, accelera
 # ------------------------------------------------------------------------------------ main loop
 
 
-def prepare_run(recipe: SFTRecipe, accelerator: Accelerator):
-    """Seeding, determinism, run directory, the printed + saved resolved recipe."""
-    if recipe.train.deterministic:
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms for the run only (it is process-wide state)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def prepare_run(recipe: SFTRecipe, accelerator: Accelerator):
+    """Seeding, run directory, the printed + saved resolved recipe."""
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.run_dir)
     text = dump_recipe(recipe)
@@ -425,6 +446,11 @@ def prepare_run(recipe: SFTRecipe, accelerator: Accelerator):
 
 def run_sft(recipe: SFTRecipe) -> dict:
     """Train per the recipe; returns the final metrics (eval/loss, eval/exact_match when enabled)."""
+    with deterministic_algorithms(recipe.train.deterministic):
+        return _run_sft(recipe)
+
+
+def _run_sft(recipe: SFTRecipe) -> dict:
     accelerator = make_accelerator(recipe)
     run_dir, say = prepare_run(recipe, accelerator)
     tokenizer = load_tokenizer_for(recipe)

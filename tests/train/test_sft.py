@@ -115,6 +115,51 @@ def test_bad_data_row_fails_naming_the_row_and_leaves_no_checkpoint(tmp_path):
         run_sft(recipe(run, "data.synthetic=null", f"data.train={rows}"))
     assert not (run / "checkpoints").exists() and not (run / "final").exists()
     skipped = recipe(tmp_path / "skip", "data.synthetic=null", f"data.train={rows}", "data.on_error=skip",
-                     "train.steps=1", "train.micro_batch_size=2")
+                     "train.steps=null", "train.epochs=1", "train.micro_batch_size=2")
     run_sft(skipped)
-    assert list_checkpoints(tmp_path / "skip")
+    assert [p.name for p in list_checkpoints(tmp_path / "skip")] == ["step-000001"]  # 2 good rows = 1 step
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    lora = ["lora.r=4", "train.steps=3", "output.merge=false"]
+    run_sft(recipe(tmp_path / "plain", *lora))
+    run_sft(recipe(tmp_path / "ckpt", *lora, "train.gradient_checkpointing=true"))
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
+def test_aux_loss_alpha_override(tmp_path):
+    from align.models import build_model
+    from align.train.sft import set_aux_loss_alpha
+
+    model = build_model("tiny", num_hidden_layers=2).train()
+    ids = torch.randint(3, 1000, (2, 8))
+    default = model(input_ids=ids).aux_loss
+    set_aux_loss_alpha(model, 0.01)
+    assert model(input_ids=ids).aux_loss.item() == pytest.approx(default.item() * 10, rel=1e-5)
+    assert model.config.aux_loss_alpha == 0.01
+    set_aux_loss_alpha(model, 0.0)
+    assert model(input_ids=ids).aux_loss is None
+    run_sft(recipe(tmp_path / "noaux", "train.aux_loss_alpha=0", "train.steps=1", "output.merge=false"))
+    assert [r["train/aux_loss"] for r in read_metrics(tmp_path / "noaux") if "train/aux_loss" in r] == [0.0]
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    if "tensorboard" in {str(t) for t in get_available_trackers()}:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ValueError, match=r"'tensorboard' is not installed \(pip install tensorboard\)"):
+        run_sft(recipe(tmp_path / "tb", "output.trackers=[tensorboard]"))
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbored'"):
+        run_sft(recipe(tmp_path / "tb", "output.trackers=[tensorbored]"))
+
+
+def test_greedy_loop_and_generation_engine_agree():
+    from align.models import build_model
+    from align.train.evaluate import generate
+
+    model = build_model("tiny", num_hidden_layers=2, seed=1).eval()
+    prompts = [[0, 5, 9, 13], [0, 7], [0, 3, 3, 3, 3, 8, 21]]  # ragged: left padding in the loop
+    loop = generate(model, prompts, max_new_tokens=5, eos_id=1, pad_id=2)
+    engine = generate(model, prompts, max_new_tokens=5, eos_id=1, pad_id=2, engine=True)
+    assert loop == engine and all(len(c) == 5 for c in loop)

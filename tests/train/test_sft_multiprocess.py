@@ -65,3 +65,15 @@ def test_two_processes_match_one(tmp_path, mode, overrides):
     state = (tmp_path / "two" / "checkpoints" / "step-000004")
     assert (state / ("adapter" if mode == "ddp" else "model")).is_dir()
     assert (state / "rng" / "rank-1.pt").is_file()
+
+
+def test_fsdp_resume_in_two_processes(tmp_path):
+    """Sharded full fine-tuning resumes exactly: the gathered optimizer state is re-sharded."""
+    first = two_processes(tmp_path / "a", ["lora=null", "train.save_every=2"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    resumed = two_processes(tmp_path / "b", ["lora=null", f"resume_from={tmp_path / 'a/checkpoints/step-000002'}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert sorted(b) == [3, 4]
+    assert b == pytest.approx({k: a[k] for k in (3, 4)}, rel=1e-6)
