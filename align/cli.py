@@ -1,6 +1,7 @@
 """The `align` command: thin argument parsing; the work lives in align.train / align.generation.
 
     align sft recipe.yaml [key.sub=value ...]
+    align rl  recipe.yaml [key.sub=value ...]
     align plot RUN_DIR
     align generate ...            (when align.generation.cli exists)
 
@@ -52,6 +53,26 @@ def run_sft_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_rl_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rl", help="GRPO from an SFT checkpoint, from a YAML recipe",
+        description="Group-relative policy optimisation against reward functions; see recipes/*.yaml.",
+    )
+    parser.add_argument("recipe", help="recipe YAML file (or a name in recipes/, e.g. tiny_rl)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. train.steps=50 grpo.beta=0.04 grpo.num_generations=16")
+    parser.set_defaults(func=run_rl_command)
+
+
+def run_rl_command(args: argparse.Namespace) -> int:
+    from align.recipe import RLRecipe, load_recipe
+    from align.train.grpo import run_rl
+
+    recipe = load_recipe(RLRecipe, resolve_recipe_path(args.recipe), args.overrides)
+    run_rl(recipe)
+    return 0
+
+
 def add_plot_parser(subparsers) -> None:
     parser = subparsers.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
@@ -78,7 +99,7 @@ def add_generate_parser(subparsers) -> None:
     module.add_generate_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable] = [add_sft_parser, add_plot_parser, add_generate_parser]
+SUBCOMMANDS: list[Callable] = [add_sft_parser, add_rl_parser, add_plot_parser, add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -375,22 +375,28 @@ class ScheduleSection:
 
 
 @dataclass
-class TrainSection:
-    steps: int | None = None  # optimizer steps; or
-    epochs: float | None = None  # passes over the training rows
-    micro_batch_size: int = 8  # rows per process per forward
-    grad_accum: int = 1
+class LoopSection:
+    """What every training loop (SFT, RL) shares."""
+
     max_grad_norm: float | None = 1.0
     bf16: bool = True  # bf16 autocast where supported (CUDA); CPU runs float32
     gradient_checkpointing: bool = False
     aux_loss_alpha: float | None = None  # MoE balance-loss coefficient; null = the model config's
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
     log_every: int = 1
     eval_every: int = 0  # 0 = at the end only
     save_every: int = 0  # 0 = at the end only
     keep_checkpoints: int | None = None  # keep only the newest N step checkpoints
+
+
+@dataclass
+class TrainSection(LoopSection):
+    steps: int | None = None  # optimizer steps; or
+    epochs: float | None = None  # passes over the training rows
+    micro_batch_size: int = 8  # rows per process per forward
+    grad_accum: int = 1
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
 
     def validate(self, where: str) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -431,3 +437,116 @@ class SFTRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
     resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
+
+
+# ------------------------------------------------------------------------------------- RL schema
+
+
+@dataclass
+class PromptDataSection:
+    """Prompt rows: a `prompt` column (chat messages or plain text) plus any extra columns (`answer`,
+    `tests`, ...) that the reward functions receive as keyword lists, as in TRL."""
+
+    train: str | None = None  # JSONL / JSON / parquet file or dataset directory
+    eval: str | None = None  # held-out rows for exact match (`prompt` + `answer`, or `messages`)
+    train_split: str | None = None
+    eval_split: str | None = None
+    synthetic: SyntheticSection | None = None  # instead of `train` / `eval`
+    prompt_column: str = "prompt"
+    max_prompt_length: int = 512  # longer prompts keep their last tokens (counted and reported)
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self, where: str) -> None:
+        if (self.train is None) == (self.synthetic is None):
+            raise RecipeError(f"{where}: set exactly one of 'data.train' or 'data.synthetic'")
+        if self.max_prompt_length < 1:
+            raise RecipeError(f"{where}: 'data.max_prompt_length' must be at least 1, got {self.max_prompt_length}")
+
+
+@dataclass
+class GRPOSection:
+    """Group-relative policy optimisation; option names follow trl.GRPOConfig where the concept is the same."""
+
+    prompts_per_step: int = 16  # prompts per generation round (each sampled num_generations times)
+    num_generations: int = 8  # G: completions per prompt
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    num_iterations: int = 1  # μ: optimizer steps on each generation round (μ > 1 uses old log-probs)
+    beta: float = 0.0  # KL coefficient (k3 estimator); 0 skips the reference pass
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # clip-higher (DAPO); null = epsilon
+    delta: float | None = None  # cap on the unclipped ratio (two-sided clipping); null = off
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    micro_batch_size: int = 16  # completions per forward / backward
+    rollout_batch: int = 256  # decode slots of the rollout engine
+
+    def validate(self, where: str) -> None:
+        for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_iterations",
+                     "micro_batch_size", "rollout_batch"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{where}: 'grpo.{name}' must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise RecipeError(f"{where}: 'grpo.temperature' must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise RecipeError(f"{where}: 'grpo.top_p' must be in (0, 1] and 'grpo.top_k' >= 0")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise RecipeError(f"{where}: 'grpo.beta', 'grpo.epsilon' and 'grpo.epsilon_high' must be >= 0")
+
+
+@dataclass
+class RLTrainSection(LoopSection):
+    steps: int = 100  # generation rounds (each gives grpo.num_iterations optimizer steps)
+    sample_every: int = 10  # write sample completions with their rewards to completions.jsonl (0 = never)
+    samples_per_log: int = 4  # prompts (with all their completions) per completions.jsonl entry
+    distributed: Literal["auto"] = "auto"  # one process (multi-process GRPO is not built yet)
+
+    def validate(self, where: str) -> None:
+        if self.steps < 1 or self.log_every < 1:
+            raise RecipeError(f"{where}: 'train.steps' and 'train.log_every' must be at least 1")
+
+
+@dataclass
+class RLEvalSection(EvalSection):
+    exact_match: bool = True  # greedy exact match on data.eval (synthetic: its test split)
+
+
+@dataclass
+class RLScheduleSection(ScheduleSection):
+    name: Literal["cosine", "step", "constant"] = "constant"
+
+
+@dataclass
+class RLOutputSection(OutputSection):
+    run_dir: str = "runs/rl"
+    merge: bool = True  # write <run_dir>/final: full HF checkpoint (LoRA merged) + tokenizer
+
+
+@dataclass
+class RLRecipe:
+    model: ModelSection = field(default_factory=ModelSection)  # usually `path`: the SFT output
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    rewards: list[Any] = field(default_factory=list)  # reward specs (rewards.registry): name / weight / params
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    lora: LoRASection | None = None  # null = full fine-tuning (reference = a frozen copy when beta > 0)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: RLScheduleSection = field(default_factory=RLScheduleSection)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    eval: RLEvalSection = field(default_factory=RLEvalSection)
+    output: RLOutputSection = field(default_factory=RLOutputSection)
+    resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
+
+    def validate(self, where: str) -> None:
+        from rewards import RewardConfigError, build_rewards
+
+        if not self.rewards:
+            raise RecipeError(f"{where}: 'rewards' is empty; list at least one reward (e.g. - exact_match)")
+        try:
+            build_rewards(self.rewards, where=f"{where}: rewards")
+        except RewardConfigError as err:
+            raise RecipeError(str(err)) from err

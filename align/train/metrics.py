@@ -58,10 +58,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "sft") -> tqdm:
     """The step bar (stderr); redrawn every 0.1 s on a terminal, every 10 s into a log file."""
     interval = 0.1 if sys.stderr.isatty() else 10.0
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="sft", unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
                 mininterval=interval)
 
 
@@ -73,6 +73,12 @@ def bar_postfix(metrics: Mapping[str, float]) -> dict[str, str]:
         out["lr"] = f"{metrics['train/lr']:.2e}"
     if "train/tokens_per_s" in metrics:
         out["tok/s"] = f"{metrics['train/tokens_per_s']:,.0f}"
+    if "reward/mean" in metrics:
+        out["reward"] = f"{metrics['reward/mean']:.3f}"
+    if "train/kl" in metrics:
+        out["kl"] = f"{metrics['train/kl']:.4f}"
+    if "completions/mean_length" in metrics:
+        out["len"] = f"{metrics['completions/mean_length']:.1f}"
     return out
 
 

@@ -1,6 +1,7 @@
 """`align plot RUN_DIR`: PNG curves of `<run_dir>/metrics.jsonl` (needs matplotlib).
 
-One figure per group: loss (train/loss with eval/loss), then one per remaining metric key
+One figure per group: loss (train/loss with eval/loss), rewards (reward/mean with each
+rewards/<name>/mean of an RL run), then one per remaining metric key
 (train/lr, train/grad_norm, train/tokens_per_s, eval/exact_match, ...). Files go to
 `<run_dir>/plots/<name>.png`.
 """
@@ -31,8 +32,11 @@ def _groups(keys: list[str]) -> dict[str, list[str]]:
     losses = [k for k in keys if k in ("train/loss", "eval/loss")]
     if losses:
         groups["loss"] = losses
+    rewards = [k for k in keys if k == "reward/mean" or (k.startswith("rewards/") and k.endswith("/mean"))]
+    if rewards:
+        groups["rewards"] = rewards
     for key in keys:
-        if key not in losses:
+        if key not in losses and key not in rewards:
             groups[key.replace("/", "_")] = [key]
     return groups
 

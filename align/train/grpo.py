@@ -1,0 +1,457 @@
+"""GRPO from an SFT checkpoint: `align rl recipe.yaml [key=value ...]`.
+
+One round (a "step" in logs and checkpoints):
+1. `prompts_per_step` prompts, in an order that is a pure function of (seed, step);
+2. `num_generations` completions each from the rollout engine (align.generation), run on the very
+   model object being trained: LoRA adapters are live, no weight copy, no second engine;
+3. rewards (rewards.registry: weighted TRL-signature functions; a reward that raises scores None);
+4. group-relative advantages (align.train.advantages);
+5. per-token log-probabilities of the completions by the fused LM-head log-prob kernel: old policy
+   when num_iterations > 1, reference (adapters disabled for LoRA, a frozen copy for full FT) when
+   beta > 0;
+6. `num_iterations` optimizer steps, each over all completions in micro-batches, on the clipped
+   surrogate + k3 KL loss (align.train.grpo_loss, TRL's definitions).
+
+Model loading, LoRA, optimizer / scheduler, checkpoints and resume are the SFT loop's
+(align.train.sft); the rollout seed is derived from (seed, step), so a resumed run continues
+exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from align.recipe import RLRecipe, to_dict
+from align.train import checkpointing as ckpt
+from align.train import sft
+from align.train.advantages import group_advantages, reward_std
+from align.train.evaluate import exact_match_eval
+from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
+from align.train.metrics import MetricsWriter, bar_postfix, progress_bar
+from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class PromptData:
+    train: list[dict]  # {"prompt": as given, "prompt_ids": [...], **other columns}
+    eval_rows: list[dict]  # rows for exact match (prompt + answer, or messages)
+
+
+def _synthetic_files(recipe: RLRecipe, accelerator: Accelerator) -> tuple[Path, Path]:
+    from data_tools.synthetic import arithmetic_splits, write_jsonl
+
+    spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
+    if accelerator.is_main_process:
+        train, test = arithmetic_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand, ops=spec.ops)
+        write_jsonl(train, out / "train.jsonl")
+        write_jsonl(test, out / "test.jsonl")
+    accelerator.wait_for_everyone()
+    return out / "train.jsonl", out / "test.jsonl"
+
+
+def tokenize_prompts(rows, tokenizer, recipe: RLRecipe, source: str, say) -> list[dict]:
+    """Render each row's prompt with the chat template's generation prompt (or BOS + text).
+
+    A prompt longer than max_prompt_length keeps its last tokens; a malformed row is an error naming
+    the file and row (or, with data.on_error=skip, skipped and counted)."""
+    from data_tools.chat import render_prompt
+
+    d = recipe.data
+    out, truncated, skipped = [], 0, 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        try:
+            if d.prompt_column not in row or row[d.prompt_column] is None:
+                present = sorted(k for k, v in row.items() if v is not None)
+                raise ValueError(f"{where}: no '{d.prompt_column}' column (columns: {', '.join(present)}); "
+                                 f"set data.prompt_column")
+            ids = render_prompt(tokenizer, row[d.prompt_column], where=f"{where} '{d.prompt_column}'")
+        except ValueError:
+            if d.on_error == "raise":
+                raise
+            skipped += 1
+            continue
+        if len(ids) > d.max_prompt_length:
+            ids, truncated = ids[-d.max_prompt_length :], truncated + 1
+        columns = {k: v for k, v in row.items() if k not in (d.prompt_column, "messages")}
+        out.append({"prompt": row[d.prompt_column], "prompt_ids": ids, **columns})
+    lengths = sorted(len(r["prompt_ids"]) for r in out) or [0]
+    say(f"prompts {source}: {len(out)} rows, {truncated} left-truncated to {d.max_prompt_length} tokens, "
+        f"{skipped} skipped; length min {lengths[0]} / p50 {lengths[len(lengths) // 2]} / max {lengths[-1]}")
+    if not out:
+        raise ValueError(f"{source}: no usable prompt row")
+    return out
+
+
+def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) -> PromptData:
+    from data_tools.datasets import load_rows
+
+    d = recipe.data
+    if d.synthetic is not None:
+        train_path, eval_path = _synthetic_files(recipe, accelerator)
+        train, evals, source = load_rows(train_path), load_rows(eval_path), str(train_path)
+    else:
+        train, source = load_rows(d.train, d.train_split), str(d.train)
+        evals = load_rows(d.eval, d.eval_split) if d.eval is not None else None
+    return PromptData(tokenize_prompts(train, tokenizer, recipe, source, say), list(evals) if evals else [])
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def reference_model(recipe: RLRecipe, setup: sft.Setup, device: torch.device):
+    """None when no reference pass is needed (beta = 0) or LoRA (adapters disabled = the base);
+    else a frozen copy of the starting weights for full fine-tuning."""
+    if recipe.grpo.beta == 0 or recipe.lora is not None:
+        return None
+    start = sft.load_base_model(recipe, device) if setup.resume is not None else copy.deepcopy(setup.model)
+    start.eval().requires_grad_(False)
+    return start
+
+
+def loss_config(recipe: RLRecipe) -> GRPOLossConfig:
+    g = recipe.grpo
+    return GRPOLossConfig(
+        beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta, loss_type=g.loss_type,
+        importance_sampling_level=g.importance_sampling_level, max_completion_length=g.max_completion_length,
+    )
+
+
+# --------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    rows: list[dict]  # one per completion (each prompt's row repeated G times, consecutive)
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    finish: list[str]  # "stop" | "length"
+    sample_logprobs: list[list[float]]  # from the engine, at the sampling temperature
+    texts: list[str]
+
+
+def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer) -> Rollout:
+    """G completions per prompt from the engine; seeded by (train seed, step)."""
+    g = recipe.grpo
+    results = engine.generate(
+        [r["prompt_ids"] for r in rows], max_new_tokens=g.max_completion_length, temperature=g.temperature,
+        top_p=g.top_p, top_k=g.top_k, n=g.num_generations, eos_token_id=tokenizer.eos_token_id,
+        seed=recipe.train.seed * 1_000_003 + step,
+    )
+    flat = [(row, c) for row, completions in zip(rows, results, strict=True) for c in completions]
+    return Rollout(
+        rows=[row for row, _ in flat], prompt_ids=[row["prompt_ids"] for row, _ in flat],
+        completion_ids=[c.token_ids for _, c in flat], finish=[c.finish_reason for _, c in flat],
+        sample_logprobs=[c.logprobs for _, c in flat],
+        texts=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c in flat],
+    )
+
+
+def reward_inputs(ro: Rollout, prompt_column: str) -> tuple[list, list, dict[str, list]]:
+    """(prompts, completions, columns) as TRL passes them: conversational prompts get
+    [{"role": "assistant", "content": text}] completions; extra columns become keyword lists."""
+    prompts = [row["prompt"] for row in ro.rows]
+    conversational = bool(prompts) and not isinstance(prompts[0], str)
+    completions = [[{"role": "assistant", "content": t}] if conversational else t for t in ro.texts]
+    names = [k for k in ro.rows[0] if k not in ("prompt", "prompt_ids")]
+    columns = {k: [row.get(k) for row in ro.rows] for k in names}
+    columns["completion_ids"] = ro.completion_ids
+    return prompts, completions, columns
+
+
+def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total reward per completion, and reward metrics (mean / std per function and total)."""
+    from rewards import score
+
+    prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
+    totals, per_function, errors = score(rewards, prompts, completions, columns)
+    metrics: dict[str, float] = {}
+    for name, values in per_function.items():
+        seen = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+        metrics[f"rewards/{name}/mean"] = seen.mean().item() if seen.numel() else math.nan
+        metrics[f"rewards/{name}/std"] = seen.std().item() if seen.numel() > 1 else math.nan
+        metrics[f"rewards/{name}/errors"] = float(errors[name])
+    reward = torch.tensor(totals, dtype=torch.float32)
+    metrics["reward/mean"], metrics["reward/std"] = reward.mean().item(), reward.std().item()
+    return reward, metrics
+
+
+def advantage_metrics(reward: torch.Tensor, advantages: torch.Tensor, recipe: RLRecipe) -> dict[str, float]:
+    g = recipe.grpo
+    std = reward_std(reward, g.num_generations, g.scale_rewards)
+    return {"advantages/mean": advantages.mean().item(), "advantages/std": advantages.std().item(),
+            "advantages/abs_max": advantages.abs().max().item(),
+            "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
+
+
+def completion_metrics(ro: Rollout, mask: torch.Tensor) -> dict[str, float]:
+    lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float32)
+    sampled = [lp for row in ro.sample_logprobs for lp in row]
+    return {"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
+            "completions/truncated_fraction": sum(f == "length" for f in ro.finish) / max(len(ro.finish), 1),
+            "completions/masked_fraction": (mask.sum(-1) == 0).float().mean().item(),
+            # Monte-Carlo estimate of the sampling policy's entropy: mean −log p of the sampled tokens
+            "entropy": -sum(sampled) / max(len(sampled), 1)}
+
+
+# ---------------------------------------------------------------------------------------- update
+
+
+def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer, device) -> RolloutBatch:
+    eos = [tokenizer.eos_token_id]
+
+    def truncated_off(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask_truncated_completions(comp, mask, eos)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fn = truncated_off if recipe.grpo.mask_truncated_completions else None
+    return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device)
+
+
+@torch.no_grad()
+def frozen_logprobs(model, head, batch: RolloutBatch, recipe: RLRecipe, accelerator) -> torch.Tensor:
+    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
+    was_training = model.training
+    model.eval()
+    step = recipe.grpo.micro_batch_size
+    parts = []
+    for start in range(0, len(batch), step):
+        part = batch.rows(start, start + step)
+        with accelerator.autocast():
+            lp = completion_logprobs(model, head, part, recipe.grpo.temperature)
+        parts.append(torch.nn.functional.pad(lp, (0, batch.completion_ids.shape[1] - lp.shape[1])))
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+def add_old_and_ref(setup: sft.Setup, ref_model, head, batch: RolloutBatch, recipe: RLRecipe, accelerator) -> None:
+    if recipe.grpo.num_iterations > 1:
+        batch.old_logps = frozen_logprobs(setup.model, head, batch, recipe, accelerator)
+    if recipe.grpo.beta > 0:
+        if ref_model is not None:
+            ref_head = ref_model.get_output_embeddings()
+            batch.ref_logps = frozen_logprobs(ref_model, ref_head, batch, recipe, accelerator)
+        else:  # LoRA: the base model is the reference
+            with sft.unwrapped(setup.model, accelerator).disable_adapter():
+                batch.ref_logps = frozen_logprobs(setup.model, head, batch, recipe, accelerator)
+
+
+def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, recipe: RLRecipe, head,
+                   accelerator) -> dict[str, float]:
+    """One optimizer step over every completion of the round (gradient accumulation over micro-batches)."""
+    size = recipe.grpo.micro_batch_size
+    starts = list(range(0, len(batch), size))
+    n_items = batch.loss_mask.sum()
+    total, parts = 0.0, []
+    for start in starts:
+        part = batch.rows(start, start + size)
+        with accelerator.autocast():
+            logps = completion_logprobs(setup.model, head, part, recipe.grpo.temperature)
+        loss, metrics = grpo_loss(
+            logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
+            grad_accum_steps=len(starts),
+        )
+        accelerator.backward(loss)
+        total += loss.item()  # micro-batch losses sum to the step's objective
+        parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm or float("inf"))
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return {"loss": total, "grad_norm": norm.item(), **merge_metrics(parts)}
+
+
+def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Micro-batch metrics -> step metrics: *_min / *_max by min / max, the rest token-weighted means."""
+    out: dict[str, float] = {}
+    weight = sum(w for w, _ in parts) or 1.0
+    for key in parts[0][1]:
+        values = [(w, m[key]) for w, m in parts if not math.isnan(m[key])]
+        if not values:
+            out[key] = math.nan
+        elif key.endswith("_min") or key.endswith("_max"):
+            out[key] = (min if key.endswith("_min") else max)(v for _, v in values)
+        else:
+            out[key] = sum(w * v for w, v in values) / weight
+    return out
+
+
+def update(setup, ref_model, batch: RolloutBatch, cfg, recipe: RLRecipe, accelerator) -> dict[str, float]:
+    """num_iterations optimizer steps on one round; returns the mean of their metrics."""
+    head = sft.unwrapped(setup.model, accelerator).get_output_embeddings()
+    add_old_and_ref(setup, ref_model, head, batch, recipe, accelerator)
+    runs = [optimizer_step(setup, batch, cfg, recipe, head, accelerator) for _ in range(recipe.grpo.num_iterations)]
+    out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    out["lr"] = setup.optimizer.param_groups[0]["lr"]
+    return out
+
+
+# ------------------------------------------------------------------------------------ main loop
+
+
+def run_rl(recipe: RLRecipe) -> dict:
+    """Train per the recipe; returns the final metrics (eval/exact_match when enabled)."""
+    with sft.deterministic_algorithms(recipe.train.deterministic):
+        return _run_rl(recipe)
+
+
+@dataclass
+class Run:
+    setup: sft.Setup
+    ref_model: torch.nn.Module | None
+    engine: object
+    rewards: list
+    data: PromptData
+    tokenizer: object
+    recipe: RLRecipe
+    accelerator: Accelerator
+    writer: MetricsWriter
+    say: object
+
+
+def _run_rl(recipe: RLRecipe) -> dict:
+    from align.generation import GenerationEngine
+    from rewards import build_rewards
+
+    accelerator = sft.make_accelerator(recipe)
+    if accelerator.num_processes > 1:
+        raise ValueError("align rl runs in one process (multi-process GRPO is not built yet); "
+                         "launch it without accelerate launch / torchrun")
+    run_dir, say = sft.prepare_run(recipe, accelerator)
+    tokenizer = sft.load_tokenizer_for(recipe)
+    data = prepare_prompts(recipe, tokenizer, accelerator, say)
+    rewards = build_rewards(recipe.rewards, where=f"{run_dir / 'recipe.yaml'}: rewards")
+    g, t = recipe.grpo, recipe.train
+    setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step, say)
+    engine = GenerationEngine(setup.model, max_batch=g.rollout_batch)
+    say(f"GRPO: {t.steps} rounds of {g.prompts_per_step} prompts x {g.num_generations} completions "
+        f"(<= {g.max_completion_length} tokens), {g.num_iterations} optimizer step(s) each, loss {g.loss_type}, "
+        f"beta {g.beta}; rewards: {', '.join(f'{r.name} x{r.weight:g}' for r in rewards)}; device {accelerator.device}")
+    if setup.resume is None:
+        torch.manual_seed(t.seed)
+    writer = MetricsWriter(run_dir, True, setup.start_step if setup.resume else None)
+    run = Run(setup, reference_model(recipe, setup, accelerator.device), engine, rewards, data, tokenizer,
+              recipe, accelerator, writer, say)
+    if recipe.output.trackers:
+        accelerator.init_trackers(run_dir.name, config=sft._flat(to_dict(recipe)))
+    final = train_loop(run)
+    if recipe.output.trackers:
+        accelerator.end_training()
+    return final
+
+
+def rl_step(run: Run, step: int, order: sft.DataOrder, cfg: GRPOLossConfig) -> tuple[dict, Rollout, torch.Tensor]:
+    """One round: rollout, rewards, advantages, update. Returns (metrics, rollout, rewards)."""
+    recipe, device = run.recipe, run.accelerator.device
+    clock = time.perf_counter()
+    ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
+    generated = time.perf_counter()
+    reward, metrics = score_rollout(run.rewards, ro, recipe)
+    advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
+    scored = time.perf_counter()
+    batch = batch_for(ro, advantages, recipe, run.tokenizer, device)
+    updates = update(run.setup, run.ref_model, batch, cfg, recipe, run.accelerator)
+    done = time.perf_counter()
+    metrics.update({f"train/{k}": v for k, v in updates.items()})
+    metrics.update(advantage_metrics(reward, advantages, recipe))
+    metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
+    tokens = sum(len(c) for c in ro.completion_ids)
+    metrics.update({"time/generation": generated - clock, "time/scoring": scored - generated,
+                    "time/update": done - scored, "time/step": done - clock,
+                    "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
+    return metrics, ro, reward
+
+
+def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> None:
+    """Append the first prompts of the round, with every completion and its reward, to completions.jsonl."""
+    g = run.recipe.grpo.num_generations
+    n = min(run.recipe.train.samples_per_log, len(ro.rows) // g) * g
+    with (Path(run.recipe.output.run_dir) / "completions.jsonl").open("a", encoding="utf-8") as f:
+        for i in range(0, n, g):
+            row = {"step": step, "prompt": ro.rows[i]["prompt"],
+                   "completions": [{"text": ro.texts[j], "reward": reward[j].item(), "finish_reason": ro.finish[j]}
+                                   for j in range(i, i + g)]}
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def exact_match(run: Run) -> dict[str, float]:
+    e = run.recipe.eval
+    if not (e.exact_match and run.data.eval_rows):
+        return {}
+    rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
+    model = sft.unwrapped(run.setup.model, run.accelerator)
+    score, _ = exact_match_eval(model, run.tokenizer, rows, e.max_new_tokens, e.batch_size, run.accelerator,
+                                engine=True)
+    return {"eval/exact_match": score}
+
+
+def train_loop(run: Run) -> dict:
+    recipe, t = run.recipe, run.recipe.train
+    start, cfg = run.setup.start_step, loss_config(recipe)
+    first = exact_match(run) if start == 0 else {}
+    if first:
+        run.writer.write(0, first)
+        run.say(f"exact match before RL: {first['eval/exact_match']:.1%}")
+    order = sft.DataOrder(len(run.data.train), t.seed, recipe.grpo.prompts_per_step)
+    bar = progress_bar(t.steps, start, recipe.output.progress, desc="rl")
+    window: list[dict] = []
+    for step in range(start, t.steps):
+        metrics, ro, reward = rl_step(run, step, order, cfg)
+        window.append(metrics)
+        done = step + 1
+        bar.update(1)
+        if t.sample_every and done % t.sample_every == 0:
+            write_samples(run, done, ro, reward)
+        if done % t.log_every == 0 or done == t.steps:
+            mean = {k: _nanmean([w[k] for w in window]) for k in window[0]}
+            log(run, done, mean, bar)
+            window = []
+        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+            log(run, done, exact_match(run), None)
+        if (t.save_every and done % t.save_every == 0) or done == t.steps:
+            sft.save_checkpoint(run.setup, done, run.tokenizer, recipe, run.accelerator,
+                                {"rows_consumed": done * recipe.grpo.prompts_per_step, "total_steps": t.steps,
+                                 "world_size": 1})
+    bar.close()
+    return finish(run, first)
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def log(run: Run, step: int, metrics: dict, bar) -> None:
+    if not metrics:
+        return
+    run.writer.write(step, metrics)
+    if run.accelerator.trackers:
+        run.accelerator.log(metrics, step=step)
+    if bar is not None:
+        bar.set_postfix(bar_postfix(metrics), refresh=False)
+
+
+def finish(run: Run, first: dict) -> dict:
+    recipe = run.recipe
+    last = exact_match(run)
+    log(run, recipe.train.steps, last, None)
+    if last:
+        before = f"{first['eval/exact_match']:.1%} before RL, " if first else ""
+        run.say(f"eval exact match: {before}{last['eval/exact_match']:.1%} after {recipe.train.steps} steps")
+    run.say(f"checkpoint: {ckpt.checkpoint_dir(recipe.output.run_dir, recipe.train.steps)}")
+    if recipe.output.merge:
+        out = sft.save_final(run.setup, run.tokenizer, recipe, run.accelerator)
+        run.say(f"final model (merged, with tokenizer): {out}")
+    return {**{f"start/{k}": v for k, v in first.items()}, **last}
