@@ -8,6 +8,7 @@ from the per-expert hub layout on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +40,14 @@ class CausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     past_key_values: Cache | None = None
+
+
+class BackboneOutput(NamedTuple):
+    """DeepseekV2Model's output: unpacks as `(hidden, aux)` and, like transformers' backbones, exposes
+    `.last_hidden_state` (TRL's fused LM head reads it from `model.base_model(...)` in its SFT/GRPO trainers)."""
+
+    last_hidden_state: torch.Tensor
+    aux_loss: torch.Tensor | None
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -115,7 +124,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> BackboneOutput:
         """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
 
         position_ids restarting inside a row mark packed documents: attention stays within each.
@@ -140,7 +149,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             x, aux = layer(x, cos, sin, mask, token_mask, past_key_values)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(x), aux_total
+        return BackboneOutput(self.norm(x), aux_total)
 
 
 class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
@@ -162,10 +171,13 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         if args or kwargs:
             unknown = list(kwargs) + [repr(a) for a in args]
             raise TypeError(f"from_pretrained: unsupported argument(s) {unknown}")
-        return load_model(cls, path, dtype=dtype if dtype is not None else torch_dtype, device_map=device_map)
+        model = load_model(cls, path, dtype=dtype if dtype is not None else torch_dtype, device_map=device_map)
+        model.config._name_or_path = str(path)  # as transformers records it (TRL reloads its reference model from it)
+        return model
 
     def save_pretrained(self, save_directory, state_dict=None, max_shard_size="5GB", **kwargs) -> None:
         """Write config.json + safetensors in the hub layout (per-expert keys), atomically."""
+        self.config.architectures = [type(self).__name__]  # as transformers writes it (AutoConfig users need it)
         save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -1,0 +1,452 @@
+"""One GRPO step at DeepSeek-V2-Lite shape: align's GRPO building blocks vs TRL's GRPOTrainer, same run.
+
+python bench/bench_grpo.py --out grpo.json                # GPU: deepseek-v2-lite, random bf16 weights (budget ~5 min)
+python bench/bench_grpo.py --out grpo.json --skip-trl     # align only
+python bench/bench_grpo.py --smoke --out smoke.json       # CPU: tiny preset, fp32, G=4, 4 prompts, 16+16 tokens
+
+One step = --prompts prompts of --prompt-len random tokens x --generations completions of exactly
+--completion-len tokens (no EOS can end them), sampled at temperature 1; a trivial reward (fraction of even
+token ids in the completion); group-relative advantages; beta 0, one optimizer step (loss dapo) over all
+completions in micro-batches of --micro-batch, gradient checkpointing (non-reentrant), LoRA r 16 / alpha 32 on
+align's default targets (align.train.lora), AdamW lr 1e-6, grad clip 1.0.
+
+align: GenerationEngine (n = G, CUDA graphs on Hopper bf16) -> rewards.score + group_advantages -> make_batch,
+completion_logprobs (fused linear log-prob) + grpo_loss per micro-batch under bf16 autocast -> AdamW
+(align.train.optim). Timed: generation (incl. decoding the texts), scoring, update; one warm-up step first
+(graph capture, optimizer state), then the timed step.
+TRL: transformers' own DeepseekV2ForCausalLM (sdpa, default experts implementation) whose parameters ARE the
+tensors align used (assigned, not copied; align's model and adapters are freed first), the same LoRA config,
+trl.GRPOTrainer (transformers generate, use_vllm off, bf16, per_device_train_batch_size = --micro-batch,
+gradient_accumulation_steps = prompts x G / micro-batch, so one optimizer step = one generation round).
+--trl-steps optimizer steps (default 2: warm-up + timed), each timed by a TrainerCallback; the split comes
+from timers around GRPOTrainer._generate (generation + decode), _generate_and_score_completions (generation
++ scoring) and _calculate_rewards; TRL's own profiling_context durations are recorded too.
+speedup = TRL seconds / align seconds for the timed step and each phase (> 1: align is faster). The JSON is
+written after align's part too, so a failed TRL run still leaves align's numbers (and `trl_error`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import platform
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from align.generation import GenerationEngine
+from align.models import build_model
+from align.train.advantages import group_advantages
+from align.train.grpo_loss import GRPOLossConfig, grpo_loss
+from align.train.lora import apply_lora, lora_config
+from align.train.optim import build_optimizer
+from align.train.rollout_batch import completion_logprobs, make_batch
+
+LR, MAX_GRAD_NORM = 1e-6, 1.0
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def even_ids(prompts, completions, completion_ids, **_) -> list[float]:
+    """The trivial reward: fraction of even token ids in each completion (TRL reward signature)."""
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def special_ids(config) -> dict[str, int]:
+    pad = config.vocab_size - 1
+    if pad in (config.bos_token_id, config.eos_token_id):
+        raise ValueError(f"vocab_size - 1 = {pad} is the BOS/EOS id; pick another pad id")
+    return {"bos": config.bos_token_id, "eos": config.eos_token_id, "pad": pad}
+
+
+def vocab_tokenizer(config):
+    """In-memory WordLevel tokenizer over every model id: id i <-> "t{i}" (specials "<bos>", "<eos>", "<pad>")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = special_ids(config)
+    names = [f"t{i}" for i in range(config.vocab_size)]
+    for name, idx in special.items():
+        names[idx] = f"<{name}>"
+    backend = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
+    )
+    tokenizer.padding_side = "left"
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (special["eos"], special["pad"]), "special ids moved"
+    return tokenizer
+
+
+def random_prompts(count: int, length: int, config, seed: int) -> list[list[int]]:
+    """Random ids that are no special token (so no prompt holds BOS / EOS / pad)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, config.vocab_size - 1, (count, length), generator=gen)
+    for idx in special_ids(config).values():
+        ids[ids == idx] = 2 if idx != 2 else 3
+    return ids.tolist()
+
+
+# ------------------------------------------------------------------------------------------- align
+
+
+def build_align(args):
+    """Our model with random weights + LoRA + AdamW; also returns the base weights (for the TRL twin)."""
+    model = build_model(args.preset, dtype=args.dtype, device_map=str(args.device), seed=0)
+    base_state = dict(model.state_dict())  # the base tensors themselves (detached views, no copy)
+    model = apply_lora(model, lora_config(model, r=16, alpha=32.0))
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, lr=LR)
+    return model, optimizer, base_state
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def align_update(model, optimizer, batch, cfg: GRPOLossConfig, micro: int, device) -> float:
+    """One optimizer step over every completion, micro-batch by micro-batch (as align.train.grpo.optimizer_step)."""
+    model.train()
+    head = model.get_output_embeddings()
+    starts = list(range(0, len(batch), micro))
+    n_items = batch.loss_mask.sum()
+    total = 0.0
+    for start in starts:
+        part = batch.rows(start, start + micro)
+        with autocast(device):
+            logps = completion_logprobs(model, head, part, 1.0)
+        loss, _ = grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
+                            grad_accum_steps=len(starts))
+        loss.backward()
+        total += loss.item()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def align_step(model, optimizer, engine, tokenizer, prompt_ids, args, seed: int) -> dict:
+    """generation -> scoring -> update, each timed (synchronised)."""
+    from rewards import score
+    from rewards.registry import WeightedReward
+
+    device, g = args.device, args.generations
+    reset_peak(device)
+    sync(device)
+    clock = time.perf_counter()
+    results = engine.generate(prompt_ids, max_new_tokens=args.completion_len, temperature=1.0, n=g,
+                              eos_token_id=None, seed=seed)
+    completions = [c.token_ids for row in results for c in row]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    sync(device)
+    generated = time.perf_counter()
+    prompts = [p for p in prompt_ids for _ in range(g)]
+    totals, _, _ = score([WeightedReward("even_ids", even_ids)], prompts, texts, {"completion_ids": completions})
+    advantages = group_advantages(torch.tensor(totals, dtype=torch.float32), g, "group")
+    scored = time.perf_counter()
+    batch = make_batch(prompts, completions, advantages, special_ids(model.config)["pad"], None, device)
+    loss = align_update(model, optimizer, batch, GRPOLossConfig(max_completion_length=args.completion_len),
+                        args.micro_batch, device)
+    sync(device)
+    done = time.perf_counter()
+    tokens = sum(len(c) for c in completions)
+    assert tokens == len(prompts) * args.completion_len, "a completion stopped early"
+    return {"step_s": done - clock, "generation_s": generated - clock, "scoring_s": scored - generated,
+            "update_s": done - scored, "generated_tokens": tokens, "tokens_per_s": tokens / (generated - clock),
+            "update_tokens_per_s": batch.input_ids.numel() / (done - scored), "loss": loss,
+            "reward_mean": sum(totals) / len(totals), "peak_gib": peak_gib(device)}
+
+
+def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
+    """Warm-up step, then the timed step; frees the model and returns (result, base weights)."""
+    model, optimizer, base_state = build_align(args)
+    config = model.config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = GenerationEngine(model, max_batch=args.prompts * args.generations)
+    out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs}
+    for name, seed in (("warmup", 1), ("timed", 2)):
+        out[name] = align_step(model, optimizer, engine, tokenizer, prompt_ids, args, seed)
+        print("align", name, json.dumps(out[name]), flush=True)
+    engine.release()
+    del engine, optimizer, model
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out, {"config": config, "state": base_state}
+
+
+# --------------------------------------------------------------------------------------------- TRL
+
+
+def transformers_policy(config, state: dict, device: torch.device):
+    """transformers' DeepseekV2ForCausalLM whose parameters ARE the given tensors (as bench_generate's twin)."""
+    from transformers import DeepseekV2ForCausalLM as Reference
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RotaryEmbedding
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        twin = Reference._from_config(config, dtype=state["lm_head.weight"].dtype)
+    twin.load_state_dict(state, assign=True, strict=True)
+    twin.model.rotary_emb = DeepseekV2RotaryEmbedding(config).to(device)  # non-persistent buffers
+    meta = [n for n, t in list(twin.named_parameters()) + list(twin.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"transformers twin has tensors left on the meta device: {meta[:5]}")
+    return twin
+
+
+def make_clock(device: torch.device):
+    """A TrainerCallback timing each optimizer step, plus timers it can wrap around trainer methods."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+            self.start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync(device)
+            reset_peak(device)
+            self.steps.append(defaultdict(float, profiling=defaultdict(float)))
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            self.steps[-1]["step_s"] = time.perf_counter() - self.start
+            self.steps[-1]["peak_gib"] = peak_gib(device)
+
+        def wrap(self, trainer, method: str, key: str) -> None:
+            inner = getattr(trainer, method)
+
+            def timed(*args, **kwargs):
+                sync(device)
+                start = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    sync(device)
+                    self.steps[-1][key] += time.perf_counter() - start
+
+            setattr(trainer, method, timed)  # the instance attribute shadows the method
+
+        def profiled(self, name: str, seconds: float) -> None:
+            if self.steps:
+                self.steps[-1]["profiling"][name] += seconds
+
+    return StepClock()
+
+
+@contextlib.contextmanager
+def trl_profiling(clock):
+    """Collect TRL's own profiling_context durations (it only sends them to wandb / mlflow / trackio)."""
+    from trl.extras import profiling
+
+    original = profiling.ProfilingContext._log_metrics
+
+    def log(self, duration: float) -> None:
+        clock.profiled(self.name, duration)
+        original(self, duration)
+
+    profiling.ProfilingContext._log_metrics = log
+    try:
+        yield
+    finally:
+        profiling.ProfilingContext._log_metrics = original
+
+
+def trl_config(args, out_dir: str):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out_dir, max_steps=args.trl_steps, per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.prompts * args.generations // args.micro_batch,
+        num_generations=args.generations, max_completion_length=args.completion_len, temperature=1.0,
+        generation_kwargs={"min_new_tokens": args.completion_len},  # EOS is masked until the last token
+        use_vllm=False, beta=0.0, loss_type="dapo", learning_rate=LR, adam_beta2=0.95, weight_decay=0.1,
+        max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", bf16=args.device.type == "cuda",
+        gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False,
+    )
+
+
+def trl_steps(clock, log_history: list[dict], args) -> list[dict]:
+    keep = ("loss", "reward", "completions/mean_length", "completions/clipped_ratio", "step_time", "num_tokens")
+    logs = [e for e in log_history if "loss" in e]
+    out = []
+    for i, raw in enumerate(clock.steps):
+        step = {k: v for k, v in raw.items() if k != "profiling"}
+        gen_score = step.pop("generate_and_score_s", 0.0)
+        step["scoring_s"] = gen_score - step["generation_s"]
+        step["update_s"] = step["step_s"] - gen_score
+        log = logs[i] if i < len(logs) else {}
+        mean_length = log.get("completions/mean_length", args.completion_len)
+        step["generated_tokens"] = round(mean_length * args.prompts * args.generations)
+        step["tokens_per_s"] = step["generated_tokens"] / step["generation_s"]
+        step["trl_log"] = {k: log[k] for k in keep if k in log}
+        if mean_length != args.completion_len:
+            print(f"WARNING: TRL completions averaged {mean_length} tokens, not {args.completion_len}", flush=True)
+        step["trl_profiling_s"] = dict(raw["profiling"])
+        out.append(step)
+    return out
+
+
+def bench_trl(args, base: dict, tokenizer, texts: list[str]) -> dict:
+    """TRL's GRPOTrainer on transformers' model built on `base`'s tensors; --trl-steps timed optimizer steps."""
+    import datasets
+    from trl import GRPOTrainer
+
+    from rewards.registry import WeightedReward
+
+    policy = transformers_policy(base.pop("config"), base.pop("state"), args.device)
+    model = apply_lora(policy, lora_config(policy, r=16, alpha=32.0))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    clock = make_clock(args.device)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=[WeightedReward("even_ids", even_ids)], args=trl_config(args, out_dir),
+            train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+            callbacks=[clock],
+        )
+        for method, key in (("_generate", "generation_s"), ("_generate_and_score_completions", "generate_and_score_s"),
+                            ("_calculate_rewards", "rewards_s")):
+            clock.wrap(trainer, method, key)
+        with trl_profiling(clock):
+            train = trainer.train()
+        steps = trl_steps(clock, trainer.state.log_history, args)
+    for i, step in enumerate(steps):
+        print("trl", "warmup" if i < len(steps) - 1 else "timed", json.dumps(step), flush=True)
+    out = {"trainable_params": trainable, "steps": steps, "timed": steps[-1], "train_runtime_s": train.metrics.get(
+        "train_runtime"), "generation_batch_size": trainer.args.generation_batch_size}
+    del trainer, model, policy
+    gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON result path")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, fp32, small sizes")
+    parser.add_argument("--skip-trl", action="store_true", help="time align only")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 16; smoke 4)")
+    parser.add_argument("--generations", type=int, default=None, help="completions per prompt G (default 8; smoke 4)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 256; smoke 16)")
+    parser.add_argument("--completion-len", type=int, default=None, help="completion tokens (default 512; smoke 16)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward (both sides)")
+    parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
+    parser.add_argument("--trl-steps", type=int, default=2, help="TRL optimizer steps; the last one is reported")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.dtype, args.device = "tiny", torch.float32, torch.device("cpu")
+        torch.set_num_threads(1)  # measured: 2 intra-op threads on a busy 2-core box made TRL's generate ~100x slower
+        defaults = {"prompts": 4, "generations": 4, "prompt_len": 16, "completion_len": 16}
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --smoke for the CPU check")
+        args.preset, args.dtype, args.device = "deepseek-v2-lite", torch.bfloat16, torch.device("cuda")
+        defaults = {"prompts": 16, "generations": 8, "prompt_len": 256, "completion_len": 512}
+    for key, value in defaults.items():
+        setattr(args, key, getattr(args, key) or value)
+    total = args.prompts * args.generations
+    args.micro_batch = min(args.micro_batch, total)
+    if args.generations < 2 or total % args.micro_batch or args.trl_steps < 1:
+        raise SystemExit(f"need --generations >= 2, --trl-steps >= 1 and --micro-batch dividing prompts x G = {total}")
+    return args
+
+
+def write(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def header(args) -> dict:
+    import peft
+    import transformers
+    import trl
+
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": device, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                       "trl": trl.__version__, "peft": peft.__version__},
+        "preset": args.preset, "dtype": str(args.dtype),
+        "prompts": args.prompts, "generations": args.generations, "prompt_len": args.prompt_len,
+        "completion_len": args.completion_len, "micro_batch": args.micro_batch,
+        "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
+    }
+
+
+def speedups(align: dict, trl: dict) -> dict:
+    """TRL seconds / align seconds per phase of the timed step (> 1: align is faster)."""
+    keys = ("step_s", "generation_s", "scoring_s", "update_s")
+    return {key.removesuffix("_s"): trl[key] / align[key] for key in keys if align.get(key) and trl.get(key)}
+
+
+def summary(result: dict) -> str:
+    rows = [("", "step s", "generation s", "scoring s", "update s", "gen tok/s", "peak GiB")]
+    for name in ("align", "trl"):
+        if name in result:
+            t = result[name]["timed"]
+            peak = "-" if t["peak_gib"] is None else f"{t['peak_gib']:.1f}"
+            rows.append((name, f"{t['step_s']:.2f}", f"{t['generation_s']:.2f}", f"{t['scoring_s']:.3f}",
+                         f"{t['update_s']:.2f}", f"{t['tokens_per_s']:,.0f}", peak))
+    return "\n".join("".join(f"{cell:>14}" for cell in row) for row in rows)
+
+
+def main() -> None:
+    from align.models import preset_config
+
+    start = time.perf_counter()
+    args = parse_args()
+    config = preset_config(args.preset)
+    tokenizer = vocab_tokenizer(config)
+    steps = 1 if args.skip_trl else args.trl_steps
+    prompt_ids = random_prompts(args.prompts * max(steps, 1), args.prompt_len, config, seed=0)
+    texts = [" ".join(f"t{i}" for i in ids) for ids in prompt_ids]
+    assert tokenizer(texts[0])["input_ids"] == prompt_ids[0], "prompt text does not tokenize to its ids"
+    result = header(args)
+    print(json.dumps(result), flush=True)
+    result["align"], base = bench_align(args, tokenizer, prompt_ids[: args.prompts])
+    write(result, args.out)
+    if not args.skip_trl:
+        print(f"align done after {time.perf_counter() - start:.0f} s; TRL next", flush=True)
+        try:
+            result["trl"] = bench_trl(args, base, tokenizer, texts)
+        except BaseException as exc:  # keep align's numbers and say what failed, then fail
+            result["trl_error"] = f"{type(exc).__name__}: {exc}"
+            write(result, args.out)
+            raise
+        result["speedup"] = speedups(result["align"]["timed"], result["trl"]["timed"])
+    del base
+    result["wall_s"] = time.perf_counter() - start
+    write(result, args.out)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("align", "trl")}, indent=2))
+    print(summary(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
