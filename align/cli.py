@@ -33,43 +33,39 @@ def resolve_recipe_path(name: str) -> Path:
     return path  # load_recipe reports the missing file
 
 
+def add_recipe_parser(subparsers, name: str, help: str, description: str, example: str, func: Callable) -> None:
+    """A subcommand taking a recipe file and key.sub=value overrides."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("recipe", help=f"recipe YAML file (or a name in recipes/, e.g. tiny_{name})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"override recipe values, e.g. {example}")
+    parser.set_defaults(func=func)
+
+
 def add_sft_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sft", help="supervised fine-tuning from a YAML recipe",
-        description="Supervised fine-tuning (LoRA or full) on chat data; see recipes/*.yaml.",
-    )
-    parser.add_argument("recipe", help="recipe YAML file (or a name in recipes/, e.g. tiny_sft)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override recipe values, e.g. train.steps=100 optim.lr=1e-4 lora=null")
-    parser.set_defaults(func=run_sft_command)
+    add_recipe_parser(subparsers, "sft", "supervised fine-tuning from a YAML recipe",
+                      "Supervised fine-tuning (LoRA or full) on chat data; see recipes/*.yaml.",
+                      "train.steps=100 optim.lr=1e-4 lora=null", run_sft_command)
 
 
 def run_sft_command(args: argparse.Namespace) -> int:
     from align.recipe import SFTRecipe, load_recipe
     from align.train.sft import run_sft
 
-    recipe = load_recipe(SFTRecipe, resolve_recipe_path(args.recipe), args.overrides)
-    run_sft(recipe)
+    run_sft(load_recipe(SFTRecipe, resolve_recipe_path(args.recipe), args.overrides))
     return 0
 
 
 def add_rl_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "rl", help="GRPO from an SFT checkpoint, from a YAML recipe",
-        description="Group-relative policy optimisation against reward functions; see recipes/*.yaml.",
-    )
-    parser.add_argument("recipe", help="recipe YAML file (or a name in recipes/, e.g. tiny_rl)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override recipe values, e.g. train.steps=50 grpo.beta=0.04 grpo.num_generations=16")
-    parser.set_defaults(func=run_rl_command)
+    add_recipe_parser(subparsers, "rl", "GRPO from an SFT checkpoint, from a YAML recipe",
+                      "Group-relative policy optimisation against reward functions; see recipes/*.yaml.",
+                      "train.steps=50 grpo.beta=0.04 grpo.num_generations=16", run_rl_command)
 
 
 def run_rl_command(args: argparse.Namespace) -> int:
     from align.recipe import RLRecipe, load_recipe
     from align.train.grpo import run_rl
 
-    recipe = load_recipe(RLRecipe, resolve_recipe_path(args.recipe), args.overrides)
-    run_rl(recipe)
+    run_rl(load_recipe(RLRecipe, resolve_recipe_path(args.recipe), args.overrides))
     return 0
 
 

@@ -315,6 +315,11 @@ class SyntheticSection:
     seed: int = 0
     max_operand: int = 99
     ops: str = "+-"
+    teacher_error: float = 0.0  # share of borrowing subtractions whose training reply forgets the borrow
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.teacher_error <= 1.0:
+            raise RecipeError(f"{where}: 'data.synthetic.teacher_error' must be in [0, 1], got {self.teacher_error}")
 
 
 @dataclass

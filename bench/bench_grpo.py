@@ -237,6 +237,8 @@ def make_clock(device: torch.device):
             sync(device)
             self.steps[-1]["step_s"] = time.perf_counter() - self.start
             self.steps[-1]["peak_gib"] = peak_gib(device)
+            raw = {k: v for k, v in self.steps[-1].items() if k != "profiling"}
+            print("trl step (raw timers)", json.dumps(raw), flush=True)  # kept even if a later step times out
 
         def wrap(self, trainer, method: str, key: str) -> None:
             inner = getattr(trainer, method)

@@ -3,6 +3,12 @@
 Each row: {"messages": [user, assistant], "prompt": [user], "answer": "68"} - `messages` for SFT,
 `prompt` + `answer` for RL. Problems are distinct within a call; subtraction never goes negative.
 
+`teacher_error` makes the training replies come from a flawed teacher: that share of the
+subtractions that need a borrow (units digit of a < units digit of b) get the answer of someone
+who forgot to borrow (a - b + 10, e.g. 52 - 17 -> "45"). The `answer` column is always right and
+test rows are always right, so a model that imitates the teacher learns the bug, and RL with a
+verifiable reward on `answer` can unlearn it: the embedded SFT -> RL default is built on that.
+
     python -m data_tools.synthetic --out data/arith --train 10000 --test 500 --seed 0
 """
 
@@ -62,10 +68,16 @@ def solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def make_row(a: int, op: str, b: int) -> dict[str, object]:
+def needs_borrow(a: int, op: str, b: int) -> bool:
+    return op == "-" and a % 10 < b % 10
+
+
+def make_row(a: int, op: str, b: int, forget_borrow: bool = False) -> dict[str, object]:
+    """A chat row; with forget_borrow (only meaningful when needs_borrow) the reply is a - b + 10."""
     question = {"role": "user", "content": f"What is {a} {op} {b}?"}
     answer = str(solve(a, op, b))
-    return {"messages": [question, {"role": "assistant", "content": answer}], "prompt": [question],
+    reply = str(solve(a, op, b) + 10) if forget_borrow and needs_borrow(a, op, b) else answer
+    return {"messages": [question, {"role": "assistant", "content": reply}], "prompt": [question],
             "answer": answer}
 
 
@@ -76,11 +88,16 @@ def arithmetic_rows(n: int, seed: int, *, max_operand: int = 99, ops: str = "+-"
 
 
 def arithmetic_splits(
-    n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-"
+    n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-", teacher_error: float = 0.0
 ) -> tuple[list[dict], list[dict]]:
-    """(train, test) with no problem in both; test is the same whatever n_train."""
-    rows = arithmetic_rows(n_test + n_train, seed, max_operand=max_operand, ops=ops)
-    return rows[n_test:], rows[:n_test]
+    """(train, test) with no problem in both; test is the same whatever n_train. With teacher_error, that
+    share of the training subtractions needing a borrow get the forgot-to-borrow reply (seeded)."""
+    if not 0.0 <= teacher_error <= 1.0:
+        raise ValueError(f"teacher_error must be in [0, 1], got {teacher_error}")
+    problems = _problems(n_test + n_train, seed, max_operand, ops)
+    rng = random.Random(f"teacher:{seed}")
+    train = [make_row(*p, forget_borrow=rng.random() < teacher_error) for p in problems[n_test:]]
+    return train, [make_row(*p) for p in problems[:n_test]]
 
 
 def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
@@ -120,6 +137,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-operand", type=int, default=99, help="operands are 0..N (default 99)")
     parser.add_argument("--ops", default="+-", help=f"operators, from {OPS!r} (default '+-')")
+    parser.add_argument("--teacher-error", type=float, default=0.0,
+                        help="share of borrowing subtractions whose training reply forgets the borrow (default 0)")
     return parser.parse_args(argv)
 
 
@@ -127,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     try:
         train, test = arithmetic_splits(args.train, args.test, args.seed, max_operand=args.max_operand,
-                                        ops=args.ops)
+                                        ops=args.ops, teacher_error=args.teacher_error)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     out = Path(args.out)

@@ -53,7 +53,8 @@ def _synthetic_files(recipe: RLRecipe, accelerator: Accelerator) -> tuple[Path, 
 
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
     if accelerator.is_main_process:
-        train, test = arithmetic_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand, ops=spec.ops)
+        train, test = arithmetic_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand, ops=spec.ops,
+                                            teacher_error=spec.teacher_error)
         write_jsonl(train, out / "train.jsonl")
         write_jsonl(test, out / "test.jsonl")
     accelerator.wait_for_everyone()

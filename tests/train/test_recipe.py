@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.recipe import RecipeError, SFTRecipe, dump_recipe, load_recipe, read_yaml, to_dict
+from align.recipe import RecipeError, RLRecipe, SFTRecipe, dump_recipe, load_recipe, read_yaml, to_dict
 from align.train.lora import lora_config
 from align.train.optim import build_optimizer, build_scheduler
 
@@ -28,10 +28,11 @@ MINIMAL = "model: {preset: tiny}\ndata: {train: rows.jsonl}\ntrain: {steps: 3}\n
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads_and_opens_with_its_launch_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and ("align sft" in first or "align.cli sft" in first), first
-    assert f"recipes/{path.name}" in first, first
-    recipe = load_recipe(SFTRecipe, path)
-    assert isinstance(recipe, SFTRecipe)
+    kind = "rl" if f"rl recipes/{path.name}" in first else "sft"
+    assert first.startswith("# ") and (f"align {kind} recipes/{path.name}" in first
+                                       or f"align.cli {kind} recipes/{path.name}" in first), first
+    schema = RLRecipe if kind == "rl" else SFTRecipe
+    assert isinstance(load_recipe(schema, path), schema)
 
 
 def test_tiny_recipe_values():
