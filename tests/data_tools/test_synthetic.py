@@ -95,3 +95,24 @@ def test_exact_match():
     assert exact_match(" 68", "68") and exact_match("68\nmore text 70", "68")
     assert not exact_match("680", "68") and not exact_match("6 8", "68")
     assert not exact_match("", "") and not exact_match("   ", "68")
+
+
+def test_teacher_error_forgets_borrows_in_training_replies_only():
+    from data_tools.synthetic import needs_borrow, solve
+
+    train, test = arithmetic_splits(3000, 200, seed=0, teacher_error=0.7)
+    clean_train, clean_test = arithmetic_splits(3000, 200, seed=0)
+    assert test == clean_test  # held-out rows are always right
+    wrong = borrow = 0
+    for row, clean in zip(train, clean_train, strict=True):
+        a, op, b = row["prompt"][0]["content"][len("What is "):-1].split()
+        a, b = int(a), int(b)
+        assert row["answer"] == clean["answer"] == str(solve(a, op, b))  # the reward's gold stays right
+        reply = row["messages"][1]["content"]
+        borrow += needs_borrow(a, op, b)
+        if reply != row["answer"]:
+            assert needs_borrow(a, op, b) and reply == str(a - b + 10)
+            wrong += 1
+    assert 0.6 < wrong / borrow < 0.8
+    with pytest.raises(ValueError, match="teacher_error"):
+        arithmetic_splits(10, 10, seed=0, teacher_error=1.5)
