@@ -518,6 +518,7 @@ class RLTrainSection(LoopSection):
 @dataclass
 class RLEvalSection(EvalSection):
     exact_match: bool = True  # greedy exact match on data.eval (synthetic: its test split)
+    engine: bool = True  # decode with the rollout engine (false: plain full forwards, slow)
 
 
 @dataclass

@@ -394,7 +394,7 @@ def exact_match(run: Run) -> dict[str, float]:
     rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
     model = sft.unwrapped(run.setup.model, run.accelerator)
     score, _ = exact_match_eval(model, run.tokenizer, rows, e.max_new_tokens, e.batch_size, run.accelerator,
-                                engine=True)
+                                engine=e.engine)
     return {"eval/exact_match": score}
 
 
