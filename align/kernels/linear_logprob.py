@@ -24,6 +24,12 @@ def linear_logprobs_reference(
     return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """hidden [N, H], weight [V, H] -> entropy of softmax(hidden @ weight.T / temperature) [N]."""
+    logp = ((hidden @ weight.T).to(_acc_dtype(hidden.dtype)) / temperature).log_softmax(-1)  # [N, V]
+    return -(logp.exp() * logp).sum(-1)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -36,18 +42,22 @@ def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, tempera
 
 class LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy=False):
         out = torch.empty(hidden.shape[0], dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         lse = torch.empty_like(out)
+        entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
-            _, lse[sl], out[sl] = _chunk_stats(hidden[sl], weight, targets[sl], temperature)
+            logits, lse[sl], out[sl] = _chunk_stats(hidden[sl], weight, targets[sl], temperature)
+            if with_entropy:  # H = lse - sum_v p_v * logit_v, from the same chunk of logits
+                entropy[sl] = lse[sl] - (logits - lse[sl, None]).exp().mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -67,7 +77,7 @@ class LinearLogprobs(torch.autograd.Function):
                 grad_weight += (grad_logits.T @ h).to(acc)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_logprobs(
@@ -75,9 +85,19 @@ def linear_logprobs(
     chunk: int = CHUNK,
 ) -> torch.Tensor:
     """hidden [..., H], weight [V, H], targets [...] -> log p(target) [...] float32."""
+    return linear_logprobs_entropy(hidden, weight, targets, temperature, chunk, with_entropy=False)[0]
+
+
+def linear_logprobs_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+    chunk: int = CHUNK, with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [...], entropy of softmax(logits / temperature) [...] without gradient), float32.
+    The entropy costs one more pass over each chunk's logits in the forward, nothing in the backward."""
     shape = targets.shape
-    flat = LinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), temperature, chunk)
-    return flat.view(shape)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logp, entropy = LinearLogprobs.apply(flat, weight, targets.reshape(-1), temperature, chunk, with_entropy)
+    return logp.view(shape), entropy.view(shape) if with_entropy else entropy
 
 
 def linear_cross_entropy(

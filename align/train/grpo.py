@@ -37,7 +37,7 @@ from align.train.advantages import group_advantages, reward_std
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import MetricsWriter, bar_postfix, progress_bar
-from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch
+from align.train.rollout_batch import RolloutBatch, completion_logprobs, completion_logprobs_entropy, make_batch
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -202,8 +202,7 @@ def completion_metrics(ro: Rollout, mask: torch.Tensor) -> dict[str, float]:
     return {"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
             "completions/truncated_fraction": sum(f == "length" for f in ro.finish) / max(len(ro.finish), 1),
             "completions/masked_fraction": (mask.sum(-1) == 0).float().mean().item(),
-            # Monte-Carlo estimate of the sampling policy's entropy: mean −log p of the sampled tokens
-            "entropy": -sum(sampled) / max(len(sampled), 1)}
+            "completions/sampled_nll": -sum(sampled) / max(len(sampled), 1)}  # mean −log p of sampled tokens
 
 
 # ---------------------------------------------------------------------------------------- update
@@ -258,13 +257,14 @@ def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, r
     for start in starts:
         part = batch.rows(start, start + size)
         with accelerator.autocast():
-            logps = completion_logprobs(setup.model, head, part, recipe.grpo.temperature)
+            logps, entropy = completion_logprobs_entropy(setup.model, head, part, recipe.grpo.temperature)
         loss, metrics = grpo_loss(
             logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
             grad_accum_steps=len(starts),
         )
         accelerator.backward(loss)
         total += loss.item()  # micro-batch losses sum to the step's objective
+        metrics["entropy"] = (entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
     params = [p for p in setup.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm or float("inf"))

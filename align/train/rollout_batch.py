@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from align.kernels.linear_logprob import linear_logprobs
+from align.kernels.linear_logprob import linear_logprobs_entropy
 
 
 @dataclass
@@ -65,6 +65,14 @@ def make_batch(
 
 def completion_logprobs(model, head: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Tensor:
     """log π(completion token) under log_softmax(logits / temperature): [N, C] float32, 0 off the mask."""
+    return completion_logprobs_entropy(model, head, batch, temperature, with_entropy=False)[0]
+
+
+def completion_logprobs_entropy(
+    model, head: torch.nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """(log-probs as completion_logprobs, the policy's entropy at each completion position without
+    gradient [N, C], or None)."""
     hidden = model(input_ids=batch.input_ids, return_logits=False).last_hidden_state  # [N, L, H]
     n, c = batch.completion_ids.shape
     offsets = torch.arange(c, device=hidden.device)
@@ -72,5 +80,7 @@ def completion_logprobs(model, head: torch.nn.Module, batch: RolloutBatch, tempe
     rows = torch.arange(n, device=hidden.device)[:, None].expand(n, c)
     keep = batch.token_mask.bool()
     picked = hidden[rows[keep], pos[keep]]  # [tokens, H]
-    logps = linear_logprobs(picked, head.weight, batch.completion_ids[keep], temperature)
-    return torch.zeros(n, c, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    logps, entropy = linear_logprobs_entropy(picked, head.weight, batch.completion_ids[keep], temperature,
+                                             with_entropy=with_entropy)
+    grid = torch.zeros(n, c, dtype=logps.dtype, device=logps.device)
+    return grid.masked_scatter(keep, logps), grid.masked_scatter(keep, entropy) if with_entropy else None

@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from align.kernels.linear_logprob import linear_cross_entropy, linear_logprobs, linear_logprobs_reference
+from align.kernels.linear_logprob import (
+    entropy_reference,
+    linear_cross_entropy,
+    linear_logprobs,
+    linear_logprobs_entropy,
+    linear_logprobs_reference,
+)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -47,3 +53,20 @@ def test_cross_entropy_matches_transformers_loss():
     assert torch.allclose(linear_cross_entropy(hidden, weight, labels), ref, rtol=1e-5)
     ref_sum = ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=23, num_items_in_batch=torch.tensor(40))
     assert torch.allclose(linear_cross_entropy(hidden, weight, labels, num_items_in_batch=40), ref_sum, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk,temperature", [(7, 1.0), (64, 0.7)])
+def test_entropy_matches_reference_and_leaves_the_gradient_alone(chunk, temperature):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 25, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (2, 25), generator=gen)
+    logp, entropy = linear_logprobs_entropy(hidden, weight, targets, temperature, chunk=chunk)
+    assert entropy.shape == targets.shape and not entropy.requires_grad
+    ref = entropy_reference(hidden.detach().reshape(-1, 16), weight.detach(), temperature).view(2, 25)
+    torch.testing.assert_close(entropy, ref, rtol=1e-10, atol=1e-10)
+    plain = linear_logprobs(hidden, weight, targets, temperature, chunk=chunk)
+    torch.testing.assert_close(logp, plain)
+    grads = torch.autograd.grad(logp.sum(), (hidden, weight))
+    for a, b in zip(grads, torch.autograd.grad(plain.sum(), (hidden, weight)), strict=True):
+        torch.testing.assert_close(a, b)

@@ -11,7 +11,7 @@ import torch
 from align.recipe import RecipeError, RLRecipe, load_recipe
 from align.train import grpo
 from align.train.metrics import read_metrics
-from align.train.rollout_batch import completion_logprobs, make_batch
+from align.train.rollout_batch import completion_logprobs, completion_logprobs_entropy, make_batch
 
 BASE = [
     "model.preset=tiny", "model.config.num_hidden_layers=2", "data.synthetic.train=256", "data.synthetic.test=16",
@@ -38,11 +38,16 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits():
     batch = make_batch(prompts, completions, torch.zeros(3), pad_id=2)
     with torch.no_grad():
         ours = completion_logprobs(model, model.get_output_embeddings(), batch, temperature=0.7)
+        same, entropy = completion_logprobs_entropy(model, model.get_output_embeddings(), batch, temperature=0.7)
+        torch.testing.assert_close(same, ours)
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             logits = model(input_ids=torch.tensor([p + c])).logits[0].double() / 0.7
-            expected = logits.log_softmax(-1)[len(p) - 1 : len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None])
+            logp = logits.log_softmax(-1)[len(p) - 1 : len(p) + len(c) - 1]  # [len(c), V]
+            expected = logp.gather(1, torch.tensor(c)[:, None])
             torch.testing.assert_close(ours[i, : len(c)].double(), expected.squeeze(1), rtol=1e-5, atol=1e-5)
             assert ours[i, len(c) :].eq(0).all()
+            exact = -(logp.exp() * logp).sum(-1)
+            torch.testing.assert_close(entropy[i, : len(c)].double(), exact, rtol=1e-4, atol=1e-5)
 
 
 def test_engine_logprobs_agree_with_the_training_path():
@@ -118,7 +123,7 @@ def test_feedback_files_and_metrics(tmp_path):
     assert "start/eval/exact_match" in result and "eval/exact_match" in result
     step = next(r for r in records if "train/loss" in r)
     for key in ("reward/mean", "reward/std", "rewards/exact_match/mean", "rewards/length_penalty/mean",
-                "advantages/std", "train/clip_ratio/region_mean", "entropy", "completions/mean_length",
+                "advantages/std", "train/clip_ratio/region_mean", "train/entropy", "completions/mean_length",
                 "completions/max_length", "completions/truncated_fraction", "time/generation", "time/scoring",
                 "time/update", "train/lr", "train/grad_norm"):
         assert key in step, key
