@@ -48,19 +48,6 @@ class PromptData:
     eval_rows: list[dict]  # rows for exact match (prompt + answer, or messages)
 
 
-def _synthetic_files(recipe: RLRecipe, accelerator: Accelerator) -> tuple[Path, Path]:
-    from data_tools.synthetic import arithmetic_splits, write_jsonl
-
-    spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
-    if accelerator.is_main_process:
-        train, test = arithmetic_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand, ops=spec.ops,
-                                            teacher_error=spec.teacher_error)
-        write_jsonl(train, out / "train.jsonl")
-        write_jsonl(test, out / "test.jsonl")
-    accelerator.wait_for_everyone()
-    return out / "train.jsonl", out / "test.jsonl"
-
-
 def tokenize_prompts(rows, tokenizer, recipe: RLRecipe, source: str, say) -> list[dict]:
     """Render each row's prompt with the chat template's generation prompt (or BOS + text).
 
@@ -100,7 +87,7 @@ def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) 
 
     d = recipe.data
     if d.synthetic is not None:
-        train_path, eval_path = _synthetic_files(recipe, accelerator)
+        train_path, eval_path = sft.synthetic_files(recipe, accelerator)
         train, evals, source = load_rows(train_path), load_rows(eval_path), str(train_path)
     else:
         train, source = load_rows(d.train, d.train_split), str(d.train)

@@ -56,7 +56,8 @@ class SFTData:
         return collate_packed(rows, self.pad_id) if self.packed else pad_batch(rows, self.pad_id)
 
 
-def _synthetic_files(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[Path, Path]:
+def synthetic_files(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[Path, Path]:
+    """Write the recipe's synthetic train / test splits under <run_dir>/data (SFT and RL recipes alike)."""
     from data_tools.synthetic import arithmetic_splits, write_jsonl
 
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
@@ -76,7 +77,7 @@ def load_sft_rows(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[object, 
 
     data = recipe.data
     if data.synthetic is not None:
-        train_path, eval_path = _synthetic_files(recipe, accelerator)
+        train_path, eval_path = synthetic_files(recipe, accelerator)
         return load_rows(train_path), load_rows(eval_path), str(train_path), str(eval_path)
     train = load_rows(data.train, data.train_split)
     if data.eval is not None:
