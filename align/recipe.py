@@ -323,22 +323,31 @@ class SyntheticSection:
 
 
 @dataclass
-class DataSection:
+class DataSourceSection:
+    """Where rows come from (SFT and RL): files / dataset directories, or the synthetic task."""
+
     train: str | None = None  # JSONL / JSON / parquet file or dataset directory
     eval: str | None = None
     train_split: str | None = None  # split of a dataset directory (default 'train')
     eval_split: str | None = None
-    eval_fraction: float = 0.0  # hold out this share of train rows when `eval` is not given
     synthetic: SyntheticSection | None = None  # instead of `train` / `eval`
-    max_length: int = 2048
-    packing: bool = True  # best-fit packing into rows of `max_length` tokens
-    train_on: Literal["assistant", "all"] = "assistant"
-    truncation: Literal["right", "drop"] = "right"
     on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self, where: str) -> None:
         if (self.train is None) == (self.synthetic is None):
             raise RecipeError(f"{where}: set exactly one of 'data.train' or 'data.synthetic'")
+
+
+@dataclass
+class DataSection(DataSourceSection):
+    eval_fraction: float = 0.0  # hold out this share of train rows when `eval` is not given
+    max_length: int = 2048
+    packing: bool = True  # best-fit packing into rows of `max_length` tokens
+    train_on: Literal["assistant", "all"] = "assistant"
+    truncation: Literal["right", "drop"] = "right"
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
         if self.max_length < 2:
             raise RecipeError(f"{where}: 'data.max_length' must be at least 2, got {self.max_length}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -448,22 +457,16 @@ class SFTRecipe:
 
 
 @dataclass
-class PromptDataSection:
+class PromptDataSection(DataSourceSection):
     """Prompt rows: a `prompt` column (chat messages or plain text) plus any extra columns (`answer`,
-    `tests`, ...) that the reward functions receive as keyword lists, as in TRL."""
+    `tests`, ...) that the reward functions receive as keyword lists, as in TRL. `eval`: held-out rows
+    for exact match (`prompt` + `answer`, or `messages`)."""
 
-    train: str | None = None  # JSONL / JSON / parquet file or dataset directory
-    eval: str | None = None  # held-out rows for exact match (`prompt` + `answer`, or `messages`)
-    train_split: str | None = None
-    eval_split: str | None = None
-    synthetic: SyntheticSection | None = None  # instead of `train` / `eval`
     prompt_column: str = "prompt"
     max_prompt_length: int = 512  # longer prompts keep their last tokens (counted and reported)
-    on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self, where: str) -> None:
-        if (self.train is None) == (self.synthetic is None):
-            raise RecipeError(f"{where}: set exactly one of 'data.train' or 'data.synthetic'")
+        super().validate(where)
         if self.max_prompt_length < 1:
             raise RecipeError(f"{where}: 'data.max_prompt_length' must be at least 1, got {self.max_prompt_length}")
 

@@ -65,21 +65,15 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str = "sft") -> 
                 mininterval=interval)
 
 
+# (metric key, progress-bar label, format) shown when the key is present
+BAR_FIELDS = (
+    ("train/loss", "loss", ".4f"), ("train/lr", "lr", ".2e"), ("train/tokens_per_s", "tok/s", ",.0f"),
+    ("reward/mean", "reward", ".3f"), ("train/kl", "kl", ".4f"), ("completions/mean_length", "len", ".1f"),
+)
+
+
 def bar_postfix(metrics: Mapping[str, float]) -> dict[str, str]:
-    out = {}
-    if "train/loss" in metrics:
-        out["loss"] = f"{metrics['train/loss']:.4f}"
-    if "train/lr" in metrics:
-        out["lr"] = f"{metrics['train/lr']:.2e}"
-    if "train/tokens_per_s" in metrics:
-        out["tok/s"] = f"{metrics['train/tokens_per_s']:,.0f}"
-    if "reward/mean" in metrics:
-        out["reward"] = f"{metrics['reward/mean']:.3f}"
-    if "train/kl" in metrics:
-        out["kl"] = f"{metrics['train/kl']:.4f}"
-    if "completions/mean_length" in metrics:
-        out["len"] = f"{metrics['completions/mean_length']:.1f}"
-    return out
+    return {label: format(metrics[key], fmt) for key, label, fmt in BAR_FIELDS if key in metrics}
 
 
 def check_trackers(names: list[str]) -> None:
