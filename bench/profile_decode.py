@@ -1,6 +1,10 @@
-"""Kernel profile of one eager decode step at DeepSeek-V2-Lite shape (random bf16 weights).
+"""Where the decode step's time goes at DeepSeek-V2-Lite shape (random bf16 weights).
 
 python bench/profile_decode.py [--batch 64] [--attend 384]
+
+Prints: the kernel table of one eager step; the CUDA-graph step time; and each part of one layer
+timed alone under a CUDA graph (attention, gate, routed experts, shared experts) with the bytes of
+weights it reads and the bandwidth that implies.
 """
 
 from __future__ import annotations
@@ -10,9 +14,81 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from align.generation.attention import decode_attention
 from align.generation.cache import LatentCache
 from align.generation.forward import decode_logits
 from align.models import build_model
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """Mean time of fn() replayed from a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def nbytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def layer_parts(model, cache, batch: int, attend: int) -> None:
+    layer = model.model.layers[1]
+    hidden = model.config.hidden_size
+    x = torch.randn(batch, 1, hidden, device="cuda", dtype=torch.bfloat16)
+    positions = torch.full((batch,), attend - 1, device="cuda")
+    cos, sin = model.model.rotary_emb(positions[:, None])
+    flat = x[:, 0]
+    weights, experts, _ = layer.mlp.gate(flat)
+    parts = {
+        "attention": (lambda: decode_attention(layer.self_attn, x, cos, sin, cache, 1, positions, attend),
+                      nbytes(layer.self_attn)),
+        "gate": (lambda: layer.mlp.gate(flat), nbytes(layer.mlp.gate)),
+        "routed experts": (lambda: layer.mlp.experts(flat, weights, experts), nbytes(layer.mlp.experts)),
+        "shared experts": (lambda: layer.mlp.shared_experts(x), nbytes(layer.mlp.shared_experts)),
+        "whole layer": (lambda: layer.mlp(layer.post_attention_layernorm(
+            x + decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, 1, positions, attend))),
+            nbytes(layer)),
+    }
+    hit = int(torch.unique(experts).numel())
+    print(f"\nparts of one MoE layer, batch {batch}, attend {attend} ({hit} of {weights.shape and layer.mlp.gate.n_experts} experts hit)")
+    for name, (fn, size) in parts.items():
+        with torch.no_grad():
+            ms = graph_ms(fn)
+        print(f"  {name:15s} {ms * 1e3:8.1f} us  weights {size / 2**20:7.1f} MiB  {size / ms / 1e6:7.0f} GB/s")
+
+
+def expert_gemms(model, batch: int) -> None:
+    """grouped_mm over routed rows vs one bmm over [E, capacity=batch] padded rows, same weights."""
+    experts = model.model.layers[1].mlp.experts
+    k = model.config.num_experts_per_tok
+    n_exp = experts.gate_up_proj.shape[0]
+    choice = torch.rand(batch, n_exp, device="cuda").topk(k, dim=-1).indices.reshape(-1)
+    counts = torch.bincount(choice, minlength=n_exp)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    print(f"\nexpert GEMMs, batch {batch} ({batch * k} routed rows)")
+    for name, weight in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+        rows = torch.randn(batch * k, weight.shape[2], device="cuda", dtype=torch.bfloat16)
+        padded = torch.randn(n_exp, batch, weight.shape[2], device="cuda", dtype=torch.bfloat16)
+        size = weight.numel() * weight.element_size()
+        with torch.no_grad():
+            g = graph_ms(lambda: torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets))
+            b = graph_ms(lambda: torch.bmm(padded, weight.transpose(1, 2)))
+        print(f"  {name:8s} grouped_mm {g * 1e3:7.1f} us ({size / g / 1e6:5.0f} GB/s)   "
+              f"padded bmm {b * 1e3:7.1f} us ({size / b / 1e6:5.0f} GB/s)")
 
 
 def main() -> None:
@@ -31,7 +107,12 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             decode_logits(model, cache, tokens, positions, args.attend)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        step = graph_ms(lambda: decode_logits(model, cache, tokens, positions, args.attend), reps=20)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    print(f"decode step under a CUDA graph: {step:.2f} ms; weights {nbytes(model) / 2**30:.2f} GiB")
+    layer_parts(model, cache, args.batch, args.attend)
+    for batch in (16, 64, 256):
+        expert_gemms(model, batch)
 
 
 if __name__ == "__main__":
