@@ -50,7 +50,7 @@ def check_experts(tokens: int = 8192) -> dict:
         weights, idx, _ = gate(x)
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=config.n_routed_experts)
+    counts = torch.cumsum(torch.bincount(flat, minlength=config.n_routed_experts), 0, dtype=torch.int32)  # ends
     xs = x[order // idx.shape[1]].detach().requires_grad_()
     w = experts.gate_up_proj
     fast = grouped_linear(xs, w, counts)

@@ -1,6 +1,6 @@
 """Where the decode step's time goes at DeepSeek-V2-Lite shape (random bf16 weights).
 
-python bench/profile_decode.py [--batch 64] [--attend 384]
+python bench/profile_decode.py [--batch 64] [--attend 384] [--variants]
 
 Prints: the kernel table of one eager step; the CUDA-graph step time; and each part of one layer
 timed alone under a CUDA graph (attention, gate, routed experts, shared experts) with the bytes of
@@ -64,7 +64,8 @@ def layer_parts(model, cache, batch: int, attend: int) -> None:
             nbytes(layer)),
     }
     hit = int(torch.unique(experts).numel())
-    print(f"\nparts of one MoE layer, batch {batch}, attend {attend} ({hit} of {weights.shape and layer.mlp.gate.n_experts} experts hit)")
+    n_experts = layer.mlp.gate.n_experts
+    print(f"\nparts of one MoE layer, batch {batch}, attend {attend} ({hit} of {n_experts} experts hit)")
     for name, (fn, size) in parts.items():
         with torch.no_grad():
             ms = graph_ms(fn)
@@ -85,16 +86,35 @@ def expert_gemms(model, batch: int) -> None:
         padded = torch.randn(n_exp, batch, weight.shape[2], device="cuda", dtype=torch.bfloat16)
         size = weight.numel() * weight.element_size()
         with torch.no_grad():
-            g = graph_ms(lambda: torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets))
-            b = graph_ms(lambda: torch.bmm(padded, weight.transpose(1, 2)))
+            g = graph_ms(lambda r=rows, w=weight: torch._grouped_mm(r, w.transpose(-2, -1), offs=offsets))
+            b = graph_ms(lambda p=padded, w=weight: torch.bmm(p, w.transpose(1, 2)))
         print(f"  {name:8s} grouped_mm {g * 1e3:7.1f} us ({size / g / 1e6:5.0f} GB/s)   "
               f"padded bmm {b * 1e3:7.1f} us ({size / b / 1e6:5.0f} GB/s)")
+
+
+def variants(model, cache, tokens, positions, attend: int) -> None:
+    """Graph step time of the decode step run eagerly and under torch.compile variants."""
+    import align.generation.attention as attention
+    import align.models.moe as moe
+
+    attention._bmm_out_dtype_works = lambda device, dtype: True  # the probe is not traceable
+    step = lambda fn: graph_ms(lambda: fn(model, cache, tokens, positions, attend), reps=20)  # noqa: E731
+    with torch.no_grad():
+        print("\nvariants (CUDA-graph step time)")
+        print(f"  eager                          {step(decode_logits):.2f} ms")
+        eager_grouped = moe.grouped_linear
+        moe.grouped_linear = torch.compiler.disable(eager_grouped)
+        print(f"  compile, grouped_mm eager      {step(torch.compile(decode_logits, dynamic=False)):.2f} ms")
+        moe.grouped_linear = eager_grouped
+        torch._dynamo.reset()
+        print(f"  compile, all                   {step(torch.compile(decode_logits, dynamic=False)):.2f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--attend", type=int, default=384)
+    parser.add_argument("--variants", action="store_true", help="also time torch.compile variants (minutes)")
     args = parser.parse_args()
     model = build_model("deepseek-v2-lite", dtype=torch.bfloat16, device_map="cuda").eval()
     cache = LatentCache.for_model(model.config, args.batch, args.attend, torch.bfloat16, "cuda")
@@ -113,6 +133,8 @@ def main() -> None:
     layer_parts(model, cache, args.batch, args.attend)
     for batch in (16, 64, 256):
         expert_gemms(model, batch)
+    if args.variants:
+        variants(model, cache, tokens, positions, args.attend)
 
 
 if __name__ == "__main__":

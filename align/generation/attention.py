@@ -16,6 +16,7 @@ import torch
 
 from align.generation.cache import LatentCache
 from align.generation.weights import effective_weight
+from align.kernels.mla_decode import fused_decode_available, latent_attention, write_latent
 from align.models.mla import MLA
 
 
@@ -71,6 +72,8 @@ def decode_attention(
     Slot b's token is written at positions[b] and attends to cache positions [0, positions[b]];
     attend_len (static, >= every live position + 1) bounds the cache rows read.
     """
+    if fused_decode_available(x):
+        return _decode_attention_fused(attn, x, cos, sin, cache.layer(layer), positions)
     batch = x.shape[0]
     q_nope, q_pe = attn.query(x, cos, sin)  # [B, 1, h, nope], [B, 1, h, rope]
     c, k_pe = attn.latent(x, cos, sin)  # [B, 1, rank], [B, 1, rope]
@@ -87,3 +90,24 @@ def decode_attention(
     out_latent = torch.bmm(probs, rows[..., : attn.kv_rank])  # [B, h, rank]
     out = torch.einsum("bhr,hvr->bhv", out_latent, w_uv)  # [B, h, v]
     return attn.o_proj(out.reshape(batch, 1, attn.n_heads * attn.v_dim))  # [B, 1, h*v] -> [B, 1, H]
+
+
+def _decode_attention_fused(
+    attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """decode_attention through the Triton kernels (CUDA, 16-bit): the same computation, ~8 launches."""
+    batch, heads = x.shape[0], attn.n_heads
+    cos, sin = cos[:, 0], sin[:, 0]  # [B, rope/2]
+    norm = attn.kv_a_layernorm
+    kv = attn.kv_a_proj_with_mqa(x)[:, 0]  # [B, rank + rope]
+    write_latent(kv, norm.weight, norm.eps, cos, sin, rows, positions, attn.interleaved)
+    q = attn.query_states(x)[:, 0]  # [B, h, nope + rope]
+    w_uk, w_uv = attn.absorbed_weights(effective_weight(attn.kv_b_proj))  # [h, nope, rank], [h, v, rank]
+    q_latent = torch.bmm(q[..., : attn.nope_dim].transpose(0, 1), w_uk)  # [h, B, rank]
+    out_latent = torch.empty_like(q_latent)  # [h, B, rank], written through a [B, h, rank] view
+    latent_attention(
+        q_latent.transpose(0, 1), q[..., attn.nope_dim :], cos, sin, rows, positions, attn.scale,
+        attn.interleaved, out=out_latent.transpose(0, 1),
+    )
+    out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [h, B, v]
+    return attn.o_proj(out.transpose(0, 1).reshape(batch, 1, heads * attn.v_dim))  # [B, 1, h*v] -> [B, 1, H]

@@ -1,7 +1,8 @@
 """Grouped linear for MoE experts: rows sorted by expert, one matrix product per expert, one launch.
 
-`grouped_linear(x, weight, counts)` computes `x[rows of e] @ weight[e].T` for every expert e, where
-the rows of x are sorted by expert and `counts[e]` rows belong to e. Weights keep the Linear layout
+`grouped_linear(x, weight, ends)` computes `x[rows of e] @ weight[e].T` for every expert e, where
+the rows of x are sorted by expert and expert e owns rows [ends[e-1], ends[e]) (ends: cumulative
+counts, int32, the grouped GEMM's offsets). Weights keep the Linear layout
 [E, out, in] (the layout transformers and PEFT use for stacked experts).
 
 Paths:
@@ -26,11 +27,12 @@ def _group_positions(counts: torch.Tensor, rows: int) -> tuple[torch.Tensor, tor
     return group, rank
 
 
-def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [N, in] sorted by expert, weight [E, out, in], counts [E] -> [N, out]."""
+def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by expert, weight [E, out, in], ends [E] -> [N, out]."""
     rows = x.shape[0]
     if rows == 0:
         return x.new_zeros(0, weight.shape[1])
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())  # [E]
     group, rank = _group_positions(counts, rows)
     capacity = int(counts.max())
     padded = x.new_zeros(weight.shape[0], capacity, x.shape[1])  # [E, C, in]
@@ -53,9 +55,8 @@ def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [N, in] sorted by expert, weight [E, out, in], counts [E] -> [N, out]."""
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by expert, weight [E, out, in], ends [E] int32 -> [N, out]."""
     if _use_grouped_mm(x, weight):
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    return grouped_linear_reference(x, weight, counts)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=ends)
+    return grouped_linear_reference(x, weight, ends)

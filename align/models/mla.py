@@ -65,11 +65,14 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, hidden, bias=bias)
 
+    def query_states(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] -> q [B, S, h, nope + rope], its rope part not yet rotated."""
+        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, h, qk]
+
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, H] -> q_nope [B, S, h, nope], q_pe [B, S, h, rope] (rotated)."""
-        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, h, qk]
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_nope, q_pe = self.query_states(x).split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, self.interleaved)
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

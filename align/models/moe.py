@@ -18,6 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.kernels.grouped_mm import grouped_linear
+from align.kernels.moe_route import (
+    combine,
+    combine_reference,
+    fused_route_available,
+    sort_by_expert,
+    sort_by_expert_reference,
+)
 from align.models.config import num_groups, scoring_func, topk_method
 
 
@@ -88,20 +95,16 @@ class Experts(nn.Module):
         """x [T, H], weights/experts [T, k] -> sum_k weight * expert_k(x), [T, H].
 
         No host synchronisation on the grouped-GEMM path (so the decode step can be CUDA-graph
-        captured): per-expert counts by an integer scatter-add (torch.bincount reads back to the host
-        on CUDA), and each token's k outputs summed in a fixed order instead of float atomics, so
-        results repeat bit for bit.
+        captured), and each token's k outputs summed in a fixed order instead of float atomics, so
+        results repeat bit for bit. Without autograd on CUDA (decode), routing and combining are
+        single Triton launches (align/kernels/moe_route.py).
         """
-        tokens, k = experts.shape
-        flat = experts.reshape(-1)  # [T*k]
-        order = flat.argsort(stable=True)  # [T*k] routed slots sorted by expert
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
-        counts.index_add_(0, flat, torch.ones_like(flat))  # [E]
-        gate, up = grouped_linear(x[order // k], self.gate_up_proj, counts).chunk(2, dim=-1)  # [T*k, I] each
-        out = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*k, H], sorted by expert
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        out = out[inverse].view(tokens, k, -1)  # [T, k, H] in (token, choice) order
-        return (out * weights[..., None].to(out.dtype)).sum(1).to(x.dtype)
+        fused = fused_route_available(x, experts.numel())
+        sort = sort_by_expert if fused else sort_by_expert_reference
+        source, position, ends = sort(experts, self.gate_up_proj.shape[0])
+        gate, up = grouped_linear(x[source], self.gate_up_proj, ends).chunk(2, dim=-1)  # [T*k, I] each
+        out = grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [T*k, H], sorted by expert
+        return (combine if fused else combine_reference)(out, position, weights).to(x.dtype)
 
 
 def balance_loss(

@@ -69,14 +69,14 @@ def test_model_returns_balance_loss_in_training_only():
 
 def test_grouped_linear_reference_matches_loop():
     gen = torch.Generator().manual_seed(0)
-    counts = torch.tensor([3, 0, 5, 1])
+    ends = torch.tensor([3, 3, 8, 9], dtype=torch.int32)  # 3, 0, 5 and 1 rows
     x = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = grouped_linear_reference(x, w, counts)
+    out = grouped_linear_reference(x, w, ends)
     bounds = [0, 3, 3, 8, 9]
     loop = torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e].T for e in range(4)])
     assert torch.allclose(out, loop)
-    assert torch.allclose(grouped_linear(x, w, counts), loop)
+    assert torch.allclose(grouped_linear(x, w, ends), loop)
     grad = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, w), grad)
     lx, lw = torch.autograd.grad(loop, (x, w), grad)

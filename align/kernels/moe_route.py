@@ -1,0 +1,97 @@
+"""MoE token routing around the grouped expert GEMMs: sort routed slots by expert, and combine.
+
+`sort_by_expert(experts [T, k], n_experts)` gives, for the T*k routed slots (token t's j-th choice
+is slot t*k + j), a stable order grouped by expert:
+- `source` [T*k]: the token each sorted row reads (the rows to gather for the grouped GEMM);
+- `position` [T, k]: the sorted row of each slot (where its expert output lands);
+- `ends` [E] int32: the end row of each expert's block (the grouped GEMM's offsets).
+`combine(out, position, weights)` sums each token's k expert outputs, weighted: [T, H].
+
+The references are plain PyTorch (stable argsort; gather, scale, sum). The Triton kernels serve the
+decode step, where T is small and the torch path is a dozen launches including a radix sort: one
+program counts and ranks all slots; the combine reads each token's k rows once. No backward:
+training keeps the references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SORT_MAX_SLOTS = 8192  # one program ranks every slot; beyond this the torch sort is the better tool
+
+
+# ----------------------------------------------------------------------------- references
+def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """experts [T, k] int -> (source [T*k] int64, position [T, k] int64, ends [E] int32)."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)  # [T*k]
+    order = flat.argsort(stable=True)  # [T*k] slot of each sorted row
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))  # [E], no host sync (unlike bincount on CUDA)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+    return order // k, position.view(tokens, k), torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out [T*k, H] sorted rows, position/weights [T, k] -> sum_j weights[t, j] * out[position[t, j]], [T, H].
+
+    Products in out's dtype, summed in a fixed order (no atomics), so results repeat bit for bit.
+    """
+    gathered = out[position.reshape(-1)].view(*position.shape, -1)  # [T, k, H]
+    return (gathered * weights[..., None].to(out.dtype)).sum(1)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _kernels():
+    from align.kernels import moe_route_triton  # Triton only where the kernels run
+
+    return moe_route_triton
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """As sort_by_expert_reference, in one single-program launch (up to SORT_MAX_SLOTS slots)."""
+    tokens, k = experts.shape
+    if tokens * k > SORT_MAX_SLOTS:
+        raise ValueError(f"sort_by_expert takes at most {SORT_MAX_SLOTS} routed slots, got {tokens * k}")
+    flat = experts.reshape(-1).contiguous()
+    source = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
+    position = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
+    ends = torch.empty(n_experts, dtype=torch.int32, device=flat.device)
+    _kernels().sort_kernel[(1,)](
+        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=64, BLOCK_E=_pow2(n_experts)
+    )
+    return source, position.view(tokens, k), ends
+
+
+def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """As combine_reference; one program per (token, block of H)."""
+    tokens, k = position.shape
+    if out.stride(-1) != 1:
+        raise ValueError(f"combine needs expert outputs with a contiguous last dimension, got {out.stride()}")
+    hidden = out.shape[1]
+    result = torch.empty(tokens, hidden, dtype=out.dtype, device=out.device)
+    block = 1024
+    _kernels().combine_kernel[(tokens, triton_cdiv(hidden, block))](
+        out, out.stride(0), position.contiguous(), weights.contiguous(), result, hidden,
+        K=k, BLOCK_H=block,
+    )
+    return result
+
+
+def fused_route_available(x: torch.Tensor, slots: int) -> bool:
+    """Whether the Triton sort/combine serve this call: CUDA, no autograd, at most SORT_MAX_SLOTS slots."""
+    if not x.is_cuda or torch.is_grad_enabled() or slots > SORT_MAX_SLOTS:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
