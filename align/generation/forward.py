@@ -12,6 +12,8 @@ from torch import nn
 
 from align.generation.attention import decode_attention, prefill_attention
 from align.generation.cache import LatentCache
+from align.kernels.mla_decode import fused_decode_available
+from align.kernels.rms_norm import add_rms_norm
 from align.models.mla import attention_mask_for, document_ids
 from align.models.model import DeepseekV2ForCausalLM
 
@@ -77,8 +79,21 @@ def decode_logits(
     body = model.model
     cos, sin = body.rotary_emb(positions[:, None])  # [B, 1, rope/2]
     x = body.embed_tokens(tokens[:, None])  # [B, 1, H]
+    fused = fused_decode_available(x)
+    delta = None
     for index, layer in enumerate(body.layers):
-        h = layer.input_layernorm(x)
-        x = x + decode_attention(layer.self_attn, h, cos, sin, cache, index, positions, attend_len)
-        x = x + _mlp(layer, layer.post_attention_layernorm(x))
-    return model.lm_head(body.norm(x))[:, 0].float()  # [B, V]
+        x, h = _add_norm(x, delta, layer.input_layernorm, fused)
+        attn = decode_attention(layer.self_attn, h, cos, sin, cache, index, positions, attend_len)
+        x, h = _add_norm(x, attn, layer.post_attention_layernorm, fused)
+        delta = _mlp(layer, h)
+    _, h = _add_norm(x, delta, body.norm, fused)
+    return model.lm_head(h)[:, 0].float()  # [B, V]
+
+
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module, fused: bool):
+    """(x + delta, norm(x + delta)); delta None leaves x as it is. Fused: one Triton launch."""
+    if fused and norm.weight.dtype == x.dtype:
+        return add_rms_norm(x, delta, norm.weight, norm.eps)
+    if delta is not None:
+        x = x + delta
+    return x, norm(x)

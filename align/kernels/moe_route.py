@@ -1,4 +1,9 @@
-"""MoE token routing around the grouped expert GEMMs: sort routed slots by expert, and combine.
+"""MoE token routing around the grouped expert GEMMs: choose experts, sort routed slots by expert,
+and combine.
+
+`greedy_gate(x, weight, top_k, norm_topk_prob, scaling)` is the gate of DeepSeek-V2 (-Lite) with
+plain greedy selection: float32 logits, softmax, the top_k experts, their scores (normalised to
+sum 1 when norm_topk_prob) times scaling -> (weights [T, k] float32, experts [T, k] int64).
 
 `sort_by_expert(experts [T, k], n_experts)` gives, for the T*k routed slots (token t's j-th choice
 is slot t*k + j), a stable order grouped by expert:
@@ -16,11 +21,23 @@ training keeps the references.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SORT_MAX_SLOTS = 8192  # one program ranks every slot; beyond this the torch sort is the better tool
 
 
 # ----------------------------------------------------------------------------- references
+def greedy_gate_reference(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], weight [E, H] -> (weights [T, k] float32, experts [T, k] int64), best first."""
+    scores = F.linear(x.float(), weight.float()).softmax(-1)  # [T, E]
+    weights, experts = torch.topk(scores, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, experts
+
+
 def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
     """experts [T, k] int -> (source [T*k] int64, position [T, k] int64, ends [E] int32)."""
     tokens, k = experts.shape
@@ -54,6 +71,24 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def greedy_gate(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As greedy_gate_reference, in one launch (16 tokens per program)."""
+    tokens, hidden = x.shape
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("greedy_gate needs inputs with a contiguous last dimension")
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
+    experts = torch.empty(tokens, top_k, dtype=torch.long, device=x.device)
+    block_t = 16
+    _kernels().greedy_gate_kernel[(triton_cdiv(tokens, block_t),)](
+        x, x.stride(0), weight, weight.stride(0), weights, experts, tokens, hidden, weight.shape[0],
+        float(scaling), K=top_k, NORM=bool(norm_topk_prob), BLOCK_T=block_t,
+        BLOCK_E=_pow2(weight.shape[0]), BLOCK_H=64,
+    )
+    return weights, experts
 
 
 def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,7 @@ from align.kernels.moe_route import (
     combine,
     combine_reference,
     fused_route_available,
+    greedy_gate,
     sort_by_expert,
     sort_by_expert_reference,
 )
@@ -54,8 +55,14 @@ class Gate(nn.Module):
         if self.method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32).
+
+        Greedy softmax routing without autograd on CUDA (the decode step) is one Triton launch,
+        and returns scores None (they only feed the training-time balance loss).
+        """
+        if self._fused(x):
+            return (*greedy_gate(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling), None)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores
@@ -68,6 +75,10 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scaling, experts, scores
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        plain = self.method == "greedy" and self.scoring == "softmax" and x.dtype == self.weight.dtype
+        return plain and fused_route_available(x, x.shape[0] * self.top_k)
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.view(choice.shape[0], self.n_group, -1)  # [T, G, E/G]

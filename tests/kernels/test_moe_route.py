@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.kernels.moe_route import combine, combine_reference, sort_by_expert, sort_by_expert_reference
+from align.kernels.moe_route import (
+    combine,
+    combine_reference,
+    greedy_gate,
+    greedy_gate_reference,
+    sort_by_expert,
+    sort_by_expert_reference,
+)
 from tests.kernels.conftest import DEVICE, DTYPES
 
 
@@ -40,3 +47,18 @@ def test_combine_matches_reference(dtype, tokens, k, hidden):
     ref = combine_reference(out, position, weights)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,hidden,n_experts,k,norm", [(64, 2048, 64, 6, False), (5, 40, 10, 3, True), (33, 64, 4, 1, True)]
+)
+def test_greedy_gate_matches_reference(dtype, tokens, hidden, n_experts, k, norm):
+    gen = torch.Generator().manual_seed(tokens + k)
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(n_experts, hidden, generator=gen) / hidden**0.5).to(DEVICE, dtype)
+    weights, experts = greedy_gate(x, weight, k, norm, 2.5)
+    ref_weights, ref_experts = greedy_gate_reference(x, weight, k, norm, 2.5)
+    assert weights.dtype == torch.float32 and experts.dtype == torch.long
+    assert torch.equal(experts, ref_experts)  # best first, as torch.topk(sorted=True)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)

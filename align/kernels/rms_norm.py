@@ -1,0 +1,39 @@
+"""Residual add + RMSNorm in one pass, for the decode step (inference only).
+
+`add_rms_norm(x, delta, weight, eps)` returns (x + delta, RMSNorm(x + delta)) with the model's
+RMSNorm semantics (align/models/norm.py): the sum rounded to x's dtype, normalised in float32,
+rounded back, then scaled by the weight in x's dtype. delta=None normalises x alone. One program
+per row replaces the half-dozen elementwise launches of the PyTorch form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta [..., H], weight [H] -> (x + delta, normalised x + delta)."""
+    if delta is not None:
+        x = x + delta
+    xf = x.float()
+    return x, weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As add_rms_norm_reference, one Triton program per row (inputs made contiguous)."""
+    from align.kernels import rms_norm_triton  # Triton only where the kernel runs
+
+    shape, hidden = x.shape, x.shape[-1]
+    x = x.reshape(-1, hidden).contiguous()  # [N, H]
+    total = torch.empty_like(x) if delta is not None else x
+    normed = torch.empty_like(x)
+    delta = x if delta is None else delta.reshape(-1, hidden).contiguous()
+    rms_norm_triton.add_rms_norm_kernel[(x.shape[0],)](
+        x, delta, weight, total, normed, hidden, eps,
+        HAS_DELTA=total is not x, BLOCK_H=max(16, 1 << (hidden - 1).bit_length()),
+    )
+    return total.view(shape), normed.view(shape)

@@ -1,0 +1,95 @@
+"""Time the Triton decode kernels at V2-Lite shape over their block sizes (GPU).
+
+python bench/tune_decode_kernels.py [--batch 64] [--attend 384]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from align.kernels import mla_decode_triton, moe_route_triton
+from align.kernels.moe_route import sort_by_expert_reference
+
+
+def graph_us(fn, reps: int = 100) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 10 * 1e3
+
+
+def tune_sort(batch: int, k: int = 6, n_experts: int = 64) -> None:
+    experts = torch.rand(batch, n_experts, device="cuda").topk(k, dim=-1).indices.reshape(-1)
+    n = experts.numel()
+    source, position = (torch.empty(n, dtype=torch.long, device="cuda") for _ in range(2))
+    ends = torch.empty(n_experts, dtype=torch.int32, device="cuda")
+    ref = sort_by_expert_reference(experts.view(batch, k), n_experts)
+    torch_us = graph_us(lambda: sort_by_expert_reference(experts.view(batch, k), n_experts))
+    print(f"sort_by_expert, {n} slots: torch reference {torch_us:.1f} us")
+    for block_n in (64, 128, 256, 512, 1024):
+        for warps in (4, 8, 16):
+            def run(bn=block_n, w=warps):
+                moe_route_triton.sort_kernel[(1,)](
+                    experts, source, position, ends, n, k, n_experts, BLOCK_N=bn, BLOCK_E=64, num_warps=w
+                )
+            us = graph_us(run)
+            ok = torch.equal(source, ref[0]) and torch.equal(position, ref[1].view(-1))
+            print(f"  BLOCK_N {block_n:5d} warps {warps:2d}: {us:6.1f} us {'ok' if ok else 'WRONG'}")
+
+
+def tune_attention(batch: int, attend: int, heads: int = 16, rank: int = 512, rope: int = 64) -> None:
+    dt = torch.bfloat16
+    q_latent = torch.randn(batch, heads, rank, device="cuda", dtype=dt)
+    q_pe = torch.randn(batch, heads, rope, device="cuda", dtype=dt)
+    rows = torch.randn(batch, attend, rank + rope, device="cuda", dtype=dt)
+    cos, sin = torch.rand(batch, rope // 2, device="cuda"), torch.rand(batch, rope // 2, device="cuda")
+    positions = torch.full((batch,), attend - 1, device="cuda")
+    out = torch.empty_like(q_latent)
+    size = rows.numel() * rows.element_size()
+    print(f"latent_attention, batch {batch}, {attend} rows ({size / 2**20:.1f} MiB of cache)")
+    for block_t in (16, 32, 64):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                def run(bt=block_t, w=warps, s=stages):
+                    mla_decode_triton.latent_attention_kernel[(batch,)](
+                        q_latent, q_latent.stride(0), q_latent.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
+                        cos, sin, cos.stride(0), rows, rows.stride(0), rows.stride(1), positions,
+                        out, out.stride(0), out.stride(1), 0.1, heads, R=rank, P2=rope // 2, BLOCK_H=16,
+                        BLOCK_R=rank, BLOCK_P2=rope // 2, BLOCK_T=bt, INTERLEAVED=True, num_warps=w, num_stages=s,
+                    )
+                try:
+                    us = graph_us(run)
+                except Exception as err:  # out of shared memory at large blocks
+                    print(f"  BLOCK_T {block_t:3d} warps {warps} stages {stages}: failed ({type(err).__name__})")
+                    continue
+                speed = size / us / 1e3
+                print(f"  BLOCK_T {block_t:3d} warps {warps} stages {stages}: {us:6.1f} us ({speed:5.0f} GB/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--attend", type=int, default=384)
+    args = parser.parse_args()
+    tune_sort(args.batch)
+    tune_attention(args.batch, args.attend)
+    tune_attention(args.batch * 4, args.attend)
+
+
+if __name__ == "__main__":
+    main()

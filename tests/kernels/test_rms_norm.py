@@ -1,0 +1,29 @@
+"""Fused residual add + RMSNorm against its PyTorch reference and the model's RMSNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
+from align.models.norm import RMSNorm
+from tests.kernels.conftest import DEVICE, DTYPES
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 1, 2048), (3, 40), (2, 5, 100)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_reference(dtype, shape, with_delta):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    delta = torch.randn(*shape, generator=gen).to(DEVICE, dtype) if with_delta else None
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype)
+    total, normed = add_rms_norm(x, delta, weight, 1e-6)
+    ref_total, ref_normed = add_rms_norm_reference(x, delta, weight, 1e-6)
+    assert total.shape == normed.shape == x.shape and normed.dtype == dtype
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, ref_normed, rtol=tol, atol=tol)
+    norm = RMSNorm(shape[-1], eps=1e-6).to(DEVICE, dtype)
+    norm.weight.data.copy_(weight)
+    torch.testing.assert_close(add_rms_norm_reference(x, None, weight, 1e-6)[1], norm(x), rtol=0, atol=0)
