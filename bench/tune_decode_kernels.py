@@ -10,7 +10,9 @@ import argparse
 import torch
 
 from align.kernels import mla_decode_triton, moe_route_triton
-from align.kernels.moe_route import sort_by_expert_reference
+from align.kernels.grouped_mm import grouped_linear
+from align.kernels.moe_experts import expert_mlp
+from align.kernels.moe_route import sort_by_expert_reference, triton_cdiv
 
 
 def graph_us(fn, reps: int = 100) -> float:
@@ -41,7 +43,7 @@ def tune_sort(batch: int, k: int = 6, n_experts: int = 64) -> None:
     ref = sort_by_expert_reference(experts.view(batch, k), n_experts)
     torch_us = graph_us(lambda: sort_by_expert_reference(experts.view(batch, k), n_experts))
     print(f"sort_by_expert, {n} slots: torch reference {torch_us:.1f} us")
-    for block_n in (64, 128, 256, 512, 1024):
+    for block_n in (64, 128, 256, 512):
         for warps in (4, 8, 16):
             def run(bn=block_n, w=warps):
                 moe_route_triton.sort_kernel[(1,)](
@@ -50,6 +52,60 @@ def tune_sort(batch: int, k: int = 6, n_experts: int = 64) -> None:
             us = graph_us(run)
             ok = torch.equal(source, ref[0]) and torch.equal(position, ref[1].view(-1))
             print(f"  BLOCK_N {block_n:5d} warps {warps:2d}: {us:6.1f} us {'ok' if ok else 'WRONG'}")
+
+
+def tune_gate(batch: int, hidden: int = 2048, n_experts: int = 64, k: int = 6) -> None:
+    x = torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n_experts, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    weights = torch.empty(batch, k, device="cuda")
+    experts = torch.empty(batch, k, dtype=torch.long, device="cuda")
+    print(f"greedy_gate, {batch} tokens")
+    for block_t in (16, 32):
+        for block_h in (64, 128, 256):
+            for warps in (4, 8):
+                def run(bt=block_t, bh=block_h, w=warps):
+                    moe_route_triton.greedy_gate_kernel[(triton_cdiv(batch, bt),)](
+                        x, x.stride(0), weight, weight.stride(0), weights, experts, batch, hidden, n_experts, 1.0,
+                        K=k, NORM=False, BLOCK_T=bt, BLOCK_E=64, BLOCK_H=bh, num_warps=w,
+                    )
+                try:
+                    us = graph_us(run)
+                except Exception as err:  # out of shared memory at large blocks
+                    print(f"  BLOCK_T {block_t} BLOCK_H {block_h} warps {warps}: failed ({type(err).__name__})")
+                    continue
+                print(f"  BLOCK_T {block_t} BLOCK_H {block_h} warps {warps}: {us:6.1f} us")
+
+
+def tune_experts(batch: int, k: int = 6, n_experts: int = 64, hidden: int = 2048, inter: int = 1408) -> None:
+    """expert_mlp tile sizes vs the grouped-GEMM path (gather, two grouped GEMMs, SwiGLU)."""
+    dt = torch.bfloat16
+    choice = torch.rand(batch, n_experts, device="cuda").topk(k, dim=-1).indices
+    source, _, ends = sort_by_expert_reference(choice, n_experts)
+    x = torch.randn(batch, hidden, device="cuda", dtype=dt)
+    gate_up = torch.randn(n_experts, 2 * inter, hidden, device="cuda", dtype=dt) * 0.02
+    down = torch.randn(n_experts, hidden, inter, device="cuda", dtype=dt) * 0.02
+    size = (gate_up.numel() + down.numel()) * 2
+
+    def grouped():
+        gate, up = grouped_linear(x[source], gate_up, ends).chunk(2, dim=-1)
+        return grouped_linear(torch.nn.functional.silu(gate) * up, down, ends)
+
+    ref = grouped()
+    base = graph_us(grouped)
+    print(f"routed experts, batch {batch}: grouped GEMM path {base:.1f} us ({size / base / 1e3:.0f} GB/s)")
+    for block_n in (32, 64, 128):
+        for block_k in (64, 128, 256):
+            for warps in (4, 8):
+                for stages in (3, 4):
+                    cfg = {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
+                    try:
+                        out = expert_mlp(x, source, ends, gate_up, down, **cfg)
+                        us = graph_us(lambda c=cfg: expert_mlp(x, source, ends, gate_up, down, **c), reps=20)
+                    except Exception as err:  # out of shared memory at large tiles
+                        print(f"  {cfg}: failed ({type(err).__name__})")
+                        continue
+                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    print(f"  {cfg}: {us:6.1f} us ({size / us / 1e3:5.0f} GB/s) rel err {err:.1e}")
 
 
 def tune_attention(batch: int, attend: int, heads: int = 16, rank: int = 512, rope: int = 64) -> None:
@@ -86,7 +142,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--attend", type=int, default=384)
     args = parser.parse_args()
+    tune_experts(args.batch)
+    tune_experts(args.batch * 4)
     tune_sort(args.batch)
+    tune_gate(args.batch)
+    tune_gate(args.batch * 4)
     tune_attention(args.batch, args.attend)
     tune_attention(args.batch * 4, args.attend)
 

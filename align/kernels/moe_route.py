@@ -101,7 +101,7 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     position = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
     ends = torch.empty(n_experts, dtype=torch.int32, device=flat.device)
     _kernels().sort_kernel[(1,)](
-        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=64, BLOCK_E=_pow2(n_experts)
+        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=128, BLOCK_E=_pow2(n_experts), num_warps=4
     )
     return source, position.view(tokens, k), ends
 

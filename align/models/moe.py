@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.kernels.grouped_mm import grouped_linear
+from align.kernels.moe_experts import expert_mlp, fused_experts_available
 from align.kernels.moe_route import (
     combine,
     combine_reference,
@@ -107,14 +108,17 @@ class Experts(nn.Module):
 
         No host synchronisation on the grouped-GEMM path (so the decode step can be CUDA-graph
         captured), and each token's k outputs summed in a fixed order instead of float atomics, so
-        results repeat bit for bit. Without autograd on CUDA (decode), routing and combining are
-        single Triton launches (align/kernels/moe_route.py).
+        results repeat bit for bit. Without autograd on CUDA (decode), routing, the expert MLP and
+        combining are Triton launches (align/kernels/moe_route.py, moe_experts.py).
         """
         fused = fused_route_available(x, experts.numel())
         sort = sort_by_expert if fused else sort_by_expert_reference
         source, position, ends = sort(experts, self.gate_up_proj.shape[0])
-        gate, up = grouped_linear(x[source], self.gate_up_proj, ends).chunk(2, dim=-1)  # [T*k, I] each
-        out = grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [T*k, H], sorted by expert
+        if fused_experts_available(x, self.gate_up_proj):
+            out = expert_mlp(x, source, ends, self.gate_up_proj, self.down_proj)  # [T*k, H], sorted by expert
+        else:
+            gate, up = grouped_linear(x[source], self.gate_up_proj, ends).chunk(2, dim=-1)  # [T*k, I] each
+            out = grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [T*k, H], sorted by expert
         return (combine if fused else combine_reference)(out, position, weights).to(x.dtype)
 
 
