@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from align.kernels.sample_rows import fused_sampling_available, sample_rows
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -68,8 +70,11 @@ def choose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (token [B] int64, its log-probability [B] float32, see module doc).
 
-    uniform [B, V] in [0, 1), required unless greedy.
+    uniform [B, V] in [0, 1), required unless greedy. Without top-k/top-p on CUDA, one Triton
+    launch computes the same (align/kernels/sample_rows.py).
     """
+    if params.top_k == 0 and params.top_p >= 1.0 and fused_sampling_available(logits):
+        return sample_rows(logits, uniform, params.temperature)
     if params.greedy:
         token = logits.argmax(-1)  # [B]
         return token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]

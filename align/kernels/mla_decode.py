@@ -88,7 +88,7 @@ def write_latent(
 def latent_attention(
     q_latent: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
     positions: torch.Tensor, scale: float, interleaved: bool, out: torch.Tensor | None = None,
-    block_t: int = 32,
+    block_t: int = 64,
 ) -> torch.Tensor:
     """As latent_attention_reference, one program per slot (all heads); `out` [B, h, R] any strides."""
     _check_last_dim(q_latent=q_latent, q_pe=q_pe, cos=cos, sin=sin, rows=rows)
@@ -103,6 +103,7 @@ def latent_attention(
         cos, sin, cos.stride(0), rows, rows.stride(0), rows.stride(1), positions,
         out, out.stride(0), out.stride(1), scale, heads, R=rank, P2=half, BLOCK_H=_pow2(heads),
         BLOCK_R=_pow2(rank), BLOCK_P2=_pow2(half), BLOCK_T=block_t, INTERLEAVED=interleaved,
+        num_warps=4, num_stages=3,  # bench/tune_decode_kernels.py: fastest at V2-Lite shape on an H100
     )
     return out
 

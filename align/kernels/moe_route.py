@@ -86,7 +86,7 @@ def greedy_gate(
     _kernels().greedy_gate_kernel[(triton_cdiv(tokens, block_t),)](
         x, x.stride(0), weight, weight.stride(0), weights, experts, tokens, hidden, weight.shape[0],
         float(scaling), K=top_k, NORM=bool(norm_topk_prob), BLOCK_T=block_t,
-        BLOCK_E=_pow2(weight.shape[0]), BLOCK_H=64,
+        BLOCK_E=_pow2(weight.shape[0]), BLOCK_H=256, num_warps=4,
     )
     return weights, experts
 
