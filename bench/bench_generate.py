@@ -10,7 +10,8 @@ step alone (graph replay vs eager, all rows live, at the final attention length)
 bytes per token and in total, peak memory. Then, in the same run and on the same weights (the
 transformers model's parameters are our tensors, assigned, not copied), transformers'
 DeepseekV2ForCausalLM.generate at --hf-batch with sdpa attention and its default dynamic cache.
-A correctness probe compares our greedy tokens with the argmax of our own full forward.
+A correctness probe compares our greedy tokens with the argmax of our own full forward, with the
+Triton decode kernels and with their PyTorch references.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import torch
 
 from align.generation import GenerationEngine, SamplingParams
+from align.kernels.dispatch import use_triton
 from align.models import build_model
 
 
@@ -97,22 +99,30 @@ def bench_ours(model, batch: int, prompt_len: int, new: int, reps: int, device: 
 
 
 def greedy_probe(model, prompt_len: int, new: int, device: torch.device) -> dict:
-    """Our greedy tokens vs argmax of our own full forward over the same sequence."""
+    """Our greedy tokens vs argmax of our own full forward over the same sequence, with the Triton
+    decode kernels and with their PyTorch references (ALIGN_TRITON=0), the same prompts."""
     prompts = random_prompts(4, prompt_len, model.config.vocab_size, seed=99)
-    engine = GenerationEngine(model, max_batch=4)
-    results = engine.generate(prompts, max_new_tokens=new, temperature=0)
-    engine.release()
-    agree, total, max_lp_err = 0, 0, 0.0
-    for prompt, [completion] in zip(prompts, results, strict=True):
-        ids = torch.tensor([prompt + completion.token_ids], device=device)
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-        argmax = logits.argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(argmax, completion.token_ids, strict=True))
-        total += len(argmax)
-        lp = logits.log_softmax(-1).gather(1, torch.tensor(completion.token_ids, device=device)[:, None])[:, 0]
-        max_lp_err = max(max_lp_err, (lp.cpu() - torch.tensor(completion.logprobs)).abs().max().item())
-    return {"tokens": total, "argmax_agreement": agree / total, "max_abs_logprob_diff": max_lp_err}
+    result = {}
+    for name, enabled in (("triton", True), ("pytorch", False)):
+        with use_triton(enabled):
+            engine = GenerationEngine(model, max_batch=4)
+            results = engine.generate(prompts, max_new_tokens=new, temperature=0)
+            engine.release()
+        agree, errors = 0, []
+        for prompt, [completion] in zip(prompts, results, strict=True):
+            ids = torch.tensor([prompt + completion.token_ids], device=device)
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            agree += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), completion.token_ids, strict=True))
+            chosen = torch.tensor(completion.token_ids, device=device)[:, None]
+            expected = logits.log_softmax(-1).gather(1, chosen)[:, 0].cpu()
+            errors.append((expected - torch.tensor(completion.logprobs)).abs())
+        errors = torch.cat(errors)
+        result[name] = {
+            "tokens": errors.numel(), "argmax_agreement": agree / errors.numel(),
+            "max_abs_logprob_diff": errors.max().item(), "mean_abs_logprob_diff": errors.mean().item(),
+        }
+    return result
 
 
 def transformers_twin(model):

@@ -24,6 +24,7 @@ from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.sampling import SamplingParams, choose
+from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_mm_available
 
 STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
@@ -153,7 +154,7 @@ class GenerationEngine:
             self.graphs = None
         if self.graphs is not None and not self.graphs.enabled:
             self.use_graphs = False  # a capture failed on this model: stay eager
-        signature = model_signature(self.model) if self.use_graphs else None
+        signature = (model_signature(self.model), triton_enabled()) if self.use_graphs else None
         if self.graphs is not None and self.graphs.signature != signature:
             self.graphs = None  # weights moved or adapters toggled since capture
         if self.graphs is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from align.kernels.dispatch import triton_ready
 from align.models.rope import apply_rope
 
 
@@ -110,10 +111,4 @@ def latent_attention(
 
 def fused_decode_available(x: torch.Tensor) -> bool:
     """Whether the Triton decode kernels run for activations like x (CUDA, 16-bit floats)."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ready(x, half=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.kernels.dispatch import triton_ready
 from align.kernels.grouped_mm import grouped_linear_reference
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
@@ -71,12 +72,6 @@ def expert_mlp(
 
 def fused_experts_available(x: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
     """CUDA, 16-bit, no autograd, at most MAX_TOKENS tokens, weights in x's dtype."""
-    if not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MAX_TOKENS:
+    if torch.is_grad_enabled() or x.shape[0] > MAX_TOKENS or gate_up_proj.dtype != x.dtype:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or gate_up_proj.dtype != x.dtype:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ready(x, half=True)

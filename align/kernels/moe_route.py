@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.kernels.dispatch import triton_ready
+
 SORT_MAX_SLOTS = 8192  # one program ranks every slot; beyond this the torch sort is the better tool
 
 
@@ -122,11 +124,7 @@ def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) ->
 
 
 def fused_route_available(x: torch.Tensor, slots: int) -> bool:
-    """Whether the Triton sort/combine serve this call: CUDA, no autograd, at most SORT_MAX_SLOTS slots."""
-    if not x.is_cuda or torch.is_grad_enabled() or slots > SORT_MAX_SLOTS:
+    """Whether the Triton gate/sort/combine serve this call: CUDA, no autograd, at most SORT_MAX_SLOTS slots."""
+    if torch.is_grad_enabled() or slots > SORT_MAX_SLOTS:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ready(x)

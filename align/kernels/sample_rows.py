@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from align.kernels.dispatch import triton_ready
+
 
 def sample_rows(
     logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float
@@ -36,10 +38,4 @@ def sample_rows(
 
 def fused_sampling_available(logits: torch.Tensor) -> bool:
     """Whether sample_rows runs for these logits (CUDA with Triton)."""
-    if not logits.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ready(logits)

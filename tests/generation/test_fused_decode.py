@@ -9,6 +9,7 @@ import torch
 
 from align.generation import LatentCache
 from align.generation.forward import decode_logits, prefill
+from align.kernels.dispatch import use_triton
 from tests.models.cases import CASES
 
 from .conftest import full_logits
@@ -39,15 +40,14 @@ def _teacher_forced(model, follow: list[list[int]]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_decode_as_close_to_full_forward_as_unfused(case, case_models, monkeypatch):
+def test_fused_decode_as_close_to_full_forward_as_unfused(case, case_models):
     _, ours = case_models(case)
     model = copy.deepcopy(ours).to("cuda", torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(1)
     follow = [torch.randint(0, ours.config.vocab_size, (STEPS,), generator=gen).tolist() for _ in PROMPTS]
     fused = _teacher_forced(model, follow)
-    monkeypatch.setattr("align.generation.attention.fused_decode_available", lambda x: False)
-    monkeypatch.setattr("align.models.moe.fused_route_available", lambda x, slots: False)
-    unfused = _teacher_forced(model, follow)
+    with use_triton(False):
+        unfused = _teacher_forced(model, follow)
     exact = torch.stack([full_logits(ours, p, f)[:STEPS] for p, f in zip(PROMPTS, follow, strict=True)], 1)
     scale = exact.abs().max()
     err_fused = ((fused - exact).abs().max() / scale).item()

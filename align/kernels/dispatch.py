@@ -1,0 +1,48 @@
+"""When the Triton inference kernels run: CUDA tensors, Triton importable, and not switched off.
+
+`use_triton(False)` (a context manager) or the environment variable ALIGN_TRITON=0 sends every
+op back to its PyTorch reference - for debugging, and to measure what the kernels change. The
+generation engine keys its CUDA graphs on this switch, so a graph captured with the kernels is
+never replayed without them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_enabled = os.environ.get("ALIGN_TRITON", "1") != "0"
+
+
+def triton_enabled() -> bool:
+    return _enabled
+
+
+@contextmanager
+def use_triton(enabled: bool) -> Iterator[None]:
+    global _enabled
+    before, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+@functools.cache
+def _importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_ready(t: torch.Tensor, half: bool = False) -> bool:
+    """Whether a kernel may run on t: CUDA, switched on, Triton importable (and 16-bit if half)."""
+    if not _enabled or not t.is_cuda or (half and t.dtype not in (torch.bfloat16, torch.float16)):
+        return False
+    return _importable()
