@@ -110,5 +110,5 @@ def latent_attention(
 
 
 def fused_decode_available(x: torch.Tensor) -> bool:
-    """Whether the Triton decode kernels run for activations like x (CUDA, 16-bit floats)."""
-    return triton_ready(x, half=True)
+    """Whether the Triton decode kernels run for activations like x (CUDA, 16-bit, no autograd)."""
+    return not torch.is_grad_enabled() and triton_ready(x, half=True)
