@@ -20,8 +20,8 @@ from align.generation.forward import decode_logits
 from align.models import build_model
 
 
-def graph_ms(fn, reps: int = 50) -> float:
-    """Mean time of fn() replayed from a CUDA graph."""
+def graph_ms(fn, reps: int = 50, calls: int = 1) -> float:
+    """Mean time of fn() replayed from a CUDA graph holding `calls` calls of it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -30,7 +30,8 @@ def graph_ms(fn, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -38,7 +39,7 @@ def graph_ms(fn, reps: int = 50) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / reps / calls
 
 
 def nbytes(module: torch.nn.Module) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from profile_decode import graph_ms  # bench/ is on the path when this script runs
 
 from align.kernels import mla_decode_triton, moe_route_triton
 from align.kernels.grouped_mm import grouped_linear
@@ -16,23 +17,8 @@ from align.kernels.moe_route import sort_by_expert_reference, triton_cdiv
 
 
 def graph_us(fn, reps: int = 100) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 10 * 1e3
+    """Mean time of fn() in microseconds, ten calls per replayed CUDA graph."""
+    return graph_ms(fn, reps, calls=10) * 1e3
 
 
 def tune_sort(batch: int, k: int = 6, n_experts: int = 64) -> None:
