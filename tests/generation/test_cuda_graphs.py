@@ -28,9 +28,13 @@ def test_signature_tracks_adapter_state_and_weight_addresses():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_decode_equals_eager(dtype):
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.0}, {"temperature": 0.0}],  # 2 last: one-pass sampler
+)
+def test_graph_decode_equals_eager(dtype, sampling):
     model = build_model("tiny", seed=4, dtype=dtype, device_map="cuda").eval()
-    kwargs = {"max_new_tokens": 40, "n": 3, "seed": 5, "temperature": 0.9, "top_p": 0.9}
+    kwargs = {"max_new_tokens": 40, "n": 3, "seed": 5, **sampling}
     eager = GenerationEngine(model, cuda_graphs=False, max_batch=4).generate(PROMPTS, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns; fail instead

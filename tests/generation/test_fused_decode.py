@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from align.generation import LatentCache
+from align.generation import GenerationEngine, LatentCache
 from align.generation.forward import decode_logits, prefill
 from align.kernels.dispatch import use_triton
+from align.models import build_model
 from tests.models.cases import CASES
 
 from .conftest import full_logits
@@ -54,3 +55,17 @@ def test_fused_decode_as_close_to_full_forward_as_unfused(case, case_models):
     err_unfused = ((unfused - exact).abs().max() / scale).item()
     assert err_fused <= 1.5 * err_unfused + 2e-3, (err_fused, err_unfused)
     assert ((fused - unfused).abs().max() / scale).item() < 0.05
+
+
+def test_engine_recaptures_when_the_kernels_are_switched_off():
+    model = build_model("tiny", seed=4, dtype=torch.bfloat16, device_map="cuda").eval()
+    engine = GenerationEngine(model, max_batch=2)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    fused = engine.generate(prompts, max_new_tokens=8, temperature=0)
+    if engine.use_graphs:
+        assert engine.graphs.signature[1] is True
+    with use_triton(False):
+        plain = engine.generate(prompts, max_new_tokens=8, temperature=0)
+        if engine.use_graphs:
+            assert engine.graphs.signature[1] is False
+    assert [len(c.token_ids) for [c] in fused] == [len(c.token_ids) for [c] in plain] == [8, 8]
