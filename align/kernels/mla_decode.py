@@ -7,7 +7,7 @@ Two kernels replace about forty small ops per layer of the decode step:
   rows 0..positions[b], softmax (float32, online), and the weighted sum of the c rows. Rows past a
   slot's position are never read, so a bucketed attention length costs nothing.
 
-The rotary layout is the model's (align/models/rope.py): interleaved pairs (x0, x1), ... or halves,
+The rotary layout is align/kernels/rope.py's: interleaved pairs (x0, x1), ... or halves,
 the rotated output laid out as [first parts | second parts]. `*_reference` are the PyTorch
 computations each kernel is tested against. No backward: decode runs under no_grad.
 Triton is imported lazily: on CPU the decode step uses the references and never touches it.
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from align.kernels.dispatch import triton_ready
-from align.models.rope import apply_rope
+from align.kernels.rms_norm import rms_norm_reference
+from align.kernels.rope import apply_rope
 
 
 # ----------------------------------------------------------------------------- references
@@ -29,8 +30,7 @@ def write_latent_reference(
     """kv [B, R+P] (kv_a_proj output), cos/sin [B, P/2] float32, rows [slots, T, R+P] one cache layer."""
     rank = norm_weight.shape[0]
     c, k_pe = kv.split([rank, kv.shape[1] - rank], dim=-1)
-    cf = c.float()
-    c = norm_weight * (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + eps)).to(kv.dtype)  # [B, R]
+    c = rms_norm_reference(c, norm_weight, eps)  # [B, R]
     k_pe = apply_rope(k_pe, cos, sin, interleaved)  # [B, P]
     slots = torch.arange(kv.shape[0], device=kv.device)
     rows.index_put_((slots, positions), torch.cat([c, k_pe], dim=-1).to(rows.dtype))

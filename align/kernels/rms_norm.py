@@ -1,8 +1,9 @@
-"""Residual add + RMSNorm in one pass, for the decode step (inference only).
+"""RMSNorm, and residual add + RMSNorm in one pass for the decode step (inference only).
 
-`add_rms_norm(x, delta, weight, eps)` returns (x + delta, RMSNorm(x + delta)) with the model's
-RMSNorm semantics (align/models/norm.py): the sum rounded to x's dtype, normalised in float32,
-rounded back, then scaled by the weight in x's dtype. delta=None normalises x alone. One program
+`rms_norm_reference(x, weight, eps)` is the formula the model's RMSNorm (align/models/norm.py)
+applies: normalised in float32, rounded to x's dtype, then scaled by the weight in x's dtype.
+`add_rms_norm(x, delta, weight, eps)` returns (x + delta, RMSNorm(x + delta)), the sum rounded
+to x's dtype. delta=None normalises x alone. One program
 per row replaces the half-dozen elementwise launches of the PyTorch form.
 """
 
@@ -11,14 +12,19 @@ from __future__ import annotations
 import torch
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H], weight [H] -> weight * (x / rms(x)), the ratio in float32 rounded to x's dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def add_rms_norm_reference(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, delta [..., H], weight [H] -> (x + delta, normalised x + delta)."""
     if delta is not None:
         x = x + delta
-    xf = x.float()
-    return x, weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return x, rms_norm_reference(x, weight, eps)
 
 
 def add_rms_norm(

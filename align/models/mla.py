@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.kernels.rope import apply_rope
 from align.models.norm import RMSNorm
-from align.models.rope import apply_rope, softmax_scale
+from align.models.rope import softmax_scale
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

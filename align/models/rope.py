@@ -2,8 +2,7 @@
 
 Inverse frequencies and the YaRN cos/sin magnitude come from transformers' own RoPE initialisers
 (`ROPE_INIT_FUNCTIONS`), so every rope type a config can name is computed the way the reference
-computes it. DeepSeek rotates adjacent pairs (x0, x1), (x2, x3), ...; the rotated output is laid
-out as [even parts | odd parts], the same permutation for q and k, so q·k is unchanged.
+computes it. Applying the rotation is `align.kernels.rope.apply_rope` (the decode kernels share it).
 """
 
 from __future__ import annotations
@@ -56,15 +55,3 @@ class RotaryEmbedding(nn.Module):
         """position_ids [B, S] -> cos, sin [B, S, rope_dim/2] in float32."""
         freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """x [B, S, ..., D] with cos/sin [B, S, D/2] -> rotated x, same dtype.
-
-    interleaved: pairs are (x0, x1), (x2, x3), ... (DeepSeek's layout); otherwise (x_i, x_{i+D/2}).
-    """
-    while cos.dim() < x.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    xf = x.float()
-    a, b = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
