@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 from profile_decode import graph_ms  # bench/ is on the path when this script runs
 
 from align.kernels import mla_decode_triton, moe_route_triton
 from align.kernels.grouped_mm import grouped_linear
 from align.kernels.moe_experts import expert_mlp
-from align.kernels.moe_route import sort_by_expert_reference, triton_cdiv
+from align.kernels.moe_route import sort_by_expert_reference
 
 
 def graph_us(fn, reps: int = 100) -> float:
@@ -50,7 +51,7 @@ def tune_gate(batch: int, hidden: int = 2048, n_experts: int = 64, k: int = 6) -
         for block_h in (64, 128, 256):
             for warps in (4, 8):
                 def run(bt=block_t, bh=block_h, w=warps):
-                    moe_route_triton.greedy_gate_kernel[(triton_cdiv(batch, bt),)](
+                    moe_route_triton.greedy_gate_kernel[(triton.cdiv(batch, bt),)](
                         x, x.stride(0), weight, weight.stride(0), weights, experts, batch, hidden, n_experts, 1.0,
                         K=k, NORM=False, BLOCK_T=bt, BLOCK_E=64, BLOCK_H=bh, num_warps=w,
                     )

@@ -1,4 +1,5 @@
-"""When the Triton inference kernels run: CUDA tensors, Triton importable, and not switched off.
+"""When the Triton inference kernels run (CUDA tensors, Triton importable, not switched off), and
+what their launchers share.
 
 `use_triton(False)` (a context manager) or the environment variable ALIGN_TRITON=0 sends every
 op back to its PyTorch reference - for debugging, and to measure what the kernels change. The
@@ -46,3 +47,15 @@ def triton_ready(t: torch.Tensor, half: bool = False) -> bool:
     if not _enabled or not t.is_cuda or (half and t.dtype not in (torch.bfloat16, torch.float16)):
         return False
     return _importable()
+
+
+def pow2_block(n: int, least: int = 16) -> int:
+    """Smallest power of two >= n and >= least (tl.dot needs 16 along each dimension)."""
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def require_contiguous_last_dim(op: str, **tensors: torch.Tensor) -> None:
+    """Kernels index rows through their stride and assume unit stride along the last dimension."""
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} needs a contiguous last dimension, got strides {t.stride()}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import pow2_block, require_contiguous_last_dim, triton_ready
 from align.kernels.rms_norm import rms_norm_reference
 from align.kernels.rope import apply_rope
 
@@ -54,35 +54,20 @@ def latent_attention_reference(
     return torch.bmm(probs.float(), rows[..., :rank].float()).to(q_latent.dtype)  # [B, h, R]
 
 
-# ----------------------------------------------------------------------------- kernels
-def _kernels():
-    from align.kernels import mla_decode_triton  # Triton only where the kernels run
-
-    return mla_decode_triton.write_latent_kernel, mla_decode_triton.latent_attention_kernel
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (n - 1).bit_length())
-
-
-def _check_last_dim(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous last dimension, got strides {t.stride()}")
-
-
 # ----------------------------------------------------------------------------- launchers
 def write_latent(
     kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
     rows: torch.Tensor, positions: torch.Tensor, interleaved: bool,
 ) -> None:
     """As write_latent_reference, one program per slot."""
-    _check_last_dim(kv=kv, cos=cos, sin=sin, rows=rows)
+    from align.kernels import mla_decode_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("write_latent", kv=kv, cos=cos, sin=sin, rows=rows)
     rank, half = norm_weight.shape[0], (kv.shape[1] - norm_weight.shape[0]) // 2
-    kernel = _kernels()[0]
-    kernel[(kv.shape[0],)](
+    mla_decode_triton.write_latent_kernel[(kv.shape[0],)](
         kv, kv.stride(0), norm_weight, cos, sin, cos.stride(0), rows, rows.stride(0), rows.stride(1),
-        positions, eps, R=rank, P2=half, BLOCK_R=_pow2(rank), BLOCK_P2=_pow2(half), INTERLEAVED=interleaved,
+        positions, eps, R=rank, P2=half, BLOCK_R=pow2_block(rank), BLOCK_P2=pow2_block(half),
+        INTERLEAVED=interleaved,
     )
 
 
@@ -92,18 +77,18 @@ def latent_attention(
     block_t: int = 64,
 ) -> torch.Tensor:
     """As latent_attention_reference, one program per slot (all heads); `out` [B, h, R] any strides."""
-    _check_last_dim(q_latent=q_latent, q_pe=q_pe, cos=cos, sin=sin, rows=rows)
+    from align.kernels import mla_decode_triton  # Triton only where the kernels run
+
     batch, heads, rank = q_latent.shape
     half = q_pe.shape[2] // 2
     if out is None:
         out = torch.empty_like(q_latent)
-    _check_last_dim(out=out)
-    kernel = _kernels()[1]
-    kernel[(batch,)](
+    require_contiguous_last_dim("latent_attention", q_latent=q_latent, q_pe=q_pe, cos=cos, sin=sin, rows=rows, out=out)
+    mla_decode_triton.latent_attention_kernel[(batch,)](
         q_latent, q_latent.stride(0), q_latent.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
         cos, sin, cos.stride(0), rows, rows.stride(0), rows.stride(1), positions,
-        out, out.stride(0), out.stride(1), scale, heads, R=rank, P2=half, BLOCK_H=_pow2(heads),
-        BLOCK_R=_pow2(rank), BLOCK_P2=_pow2(half), BLOCK_T=block_t, INTERLEAVED=interleaved,
+        out, out.stride(0), out.stride(1), scale, heads, R=rank, P2=half, BLOCK_H=pow2_block(heads),
+        BLOCK_R=pow2_block(rank), BLOCK_P2=pow2_block(half), BLOCK_T=block_t, INTERLEAVED=interleaved,
         num_warps=4, num_stages=3,  # bench/tune_decode_kernels.py: fastest at V2-Lite shape on an H100
     )
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
 from align.kernels.grouped_mm import grouped_linear_reference
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
@@ -47,23 +47,23 @@ def expert_mlp(
     **config,
 ) -> torch.Tensor:
     """As expert_mlp_reference, in two launches; config overrides CONFIG's tile sizes."""
+    import triton
+
     from align.kernels import moe_experts_triton as kernels  # Triton only where the kernels run
 
     n_experts, inter2, hidden = gate_up_proj.shape
     inter, rows = inter2 // 2, source.shape[0]
-    for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"expert_mlp needs {name} with a contiguous last dimension, got strides {t.stride()}")
+    require_contiguous_last_dim("expert_mlp", x=x, gate_up_proj=gate_up_proj, down_proj=down_proj)
     config = {**CONFIG, **config}
     block_m, block_n, block_k = _row_block(rows, n_experts), config["block_n"], config["block_k"]
     launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    kernels.gate_up_kernel[(n_experts, -(-inter // block_n))](
+    kernels.gate_up_kernel[(n_experts, triton.cdiv(inter, block_n))](
         x, x.stride(0), source, ends, gate_up_proj, gate_up_proj.stride(0), gate_up_proj.stride(1), h,
         inter, hidden, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch
     )
     out = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
-    kernels.down_kernel[(n_experts, -(-hidden // block_n))](
+    kernels.down_kernel[(n_experts, triton.cdiv(hidden, block_n))](
         h, ends, down_proj, down_proj.stride(0), down_proj.stride(1), out,
         hidden, inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch
     )

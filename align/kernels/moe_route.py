@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import pow2_block, require_contiguous_last_dim, triton_ready
 
 SORT_MAX_SLOTS = 8192  # one program ranks every slot; beyond this the torch sort is the better tool
 
@@ -61,40 +61,31 @@ def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.
 
 
 # ----------------------------------------------------------------------------- launchers
-def _kernels():
-    from align.kernels import moe_route_triton  # Triton only where the kernels run
-
-    return moe_route_triton
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
-
-
 def greedy_gate(
     x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As greedy_gate_reference, in one launch (16 tokens per program)."""
+    import triton
+
+    from align.kernels import moe_route_triton  # Triton only where the kernels run
+
     tokens, hidden = x.shape
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("greedy_gate needs inputs with a contiguous last dimension")
+    require_contiguous_last_dim("greedy_gate", x=x, weight=weight)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
     experts = torch.empty(tokens, top_k, dtype=torch.long, device=x.device)
     block_t = 16
-    _kernels().greedy_gate_kernel[(triton_cdiv(tokens, block_t),)](
+    moe_route_triton.greedy_gate_kernel[(triton.cdiv(tokens, block_t),)](
         x, x.stride(0), weight, weight.stride(0), weights, experts, tokens, hidden, weight.shape[0],
         float(scaling), K=top_k, NORM=bool(norm_topk_prob), BLOCK_T=block_t,
-        BLOCK_E=_pow2(weight.shape[0]), BLOCK_H=256, num_warps=4,
+        BLOCK_E=pow2_block(weight.shape[0]), BLOCK_H=256, num_warps=4,
     )
     return weights, experts
 
 
 def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
     """As sort_by_expert_reference, in one single-program launch (up to SORT_MAX_SLOTS slots)."""
+    from align.kernels import moe_route_triton  # Triton only where the kernels run
+
     tokens, k = experts.shape
     if tokens * k > SORT_MAX_SLOTS:
         raise ValueError(f"sort_by_expert takes at most {SORT_MAX_SLOTS} routed slots, got {tokens * k}")
@@ -102,21 +93,24 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     source = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
     position = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
     ends = torch.empty(n_experts, dtype=torch.int32, device=flat.device)
-    _kernels().sort_kernel[(1,)](
-        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=128, BLOCK_E=_pow2(n_experts), num_warps=4
+    moe_route_triton.sort_kernel[(1,)](  # 128-slot blocks, 4 warps: fastest at 384 slots (tune_decode_kernels.py)
+        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=128, BLOCK_E=pow2_block(n_experts), num_warps=4
     )
     return source, position.view(tokens, k), ends
 
 
 def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """As combine_reference; one program per (token, block of H)."""
+    import triton
+
+    from align.kernels import moe_route_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("combine", out=out)
     tokens, k = position.shape
-    if out.stride(-1) != 1:
-        raise ValueError(f"combine needs expert outputs with a contiguous last dimension, got {out.stride()}")
     hidden = out.shape[1]
     result = torch.empty(tokens, hidden, dtype=out.dtype, device=out.device)
     block = 1024
-    _kernels().combine_kernel[(tokens, triton_cdiv(hidden, block))](
+    moe_route_triton.combine_kernel[(tokens, triton.cdiv(hidden, block))](
         out, out.stride(0), position.contiguous(), weights.contiguous(), result, hidden,
         K=k, BLOCK_H=block,
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from align.kernels.dispatch import pow2_block
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H], weight [H] -> weight * (x / rms(x)), the ratio in float32 rounded to x's dtype."""
@@ -40,6 +42,6 @@ def add_rms_norm(
     delta = x if delta is None else delta.reshape(-1, hidden).contiguous()
     rms_norm_triton.add_rms_norm_kernel[(x.shape[0],)](
         x, delta, weight, total, normed, hidden, eps,
-        HAS_DELTA=total is not x, BLOCK_H=max(16, 1 << (hidden - 1).bit_length()),
+        HAS_DELTA=total is not x, BLOCK_H=pow2_block(hidden),
     )
     return total.view(shape), normed.view(shape)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
 
 
 def sample_rows(
@@ -24,11 +24,12 @@ def sample_rows(
 
     batch, vocab = logits.shape
     greedy = temperature == 0
-    if logits.stride(-1) != 1 or (not greedy and (uniform is None or uniform.stride(-1) != 1)):
-        raise ValueError("sample_rows needs logits and uniform noise with a contiguous last dimension")
+    if not greedy and uniform is None:
+        raise ValueError("sample_rows: temperature > 0 needs uniform noise [B, V]")
+    noise = logits if greedy else uniform
+    require_contiguous_last_dim("sample_rows", logits=logits, uniform=noise)
     token = torch.empty(batch, dtype=torch.long, device=logits.device)
     logprob = torch.empty(batch, dtype=torch.float32, device=logits.device)
-    noise = logits if greedy else uniform
     sample_rows_triton.sample_kernel[(batch,)](
         logits, logits.stride(0), noise, noise.stride(0), token, logprob, vocab,
         1.0 if greedy else float(temperature), GREEDY=greedy, BLOCK_V=2048, num_warps=8,
