@@ -12,8 +12,7 @@ import triton
 from profile_decode import graph_ms  # bench/ is on the path when this script runs
 
 from align.kernels import mla_decode_triton, moe_route_triton
-from align.kernels.grouped_mm import grouped_linear
-from align.kernels.moe_experts import expert_mlp
+from align.kernels.moe_experts import expert_mlp, expert_mlp_reference
 from align.kernels.moe_route import sort_by_expert_reference
 
 
@@ -74,8 +73,7 @@ def tune_experts(batch: int, k: int = 6, n_experts: int = 64, hidden: int = 2048
     size = (gate_up.numel() + down.numel()) * 2
 
     def grouped():
-        gate, up = grouped_linear(x[source], gate_up, ends).chunk(2, dim=-1)
-        return grouped_linear(torch.nn.functional.silu(gate) * up, down, ends)
+        return expert_mlp_reference(x, source, ends, gate_up, down)
 
     ref = grouped()
     base = graph_us(grouped)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
-from align.kernels.grouped_mm import grouped_linear_reference
+from align.kernels.grouped_mm import grouped_linear
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
 
@@ -28,9 +28,10 @@ MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better to
 def expert_mlp_reference(
     x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:
-    """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype."""
-    gate, up = grouped_linear_reference(x[source], gate_up_proj, ends).chunk(2, dim=-1)  # [N, I] each
-    return grouped_linear_reference(F.silu(gate) * up, down_proj, ends)
+    """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype, through grouped_linear (the
+    path MoE takes for training, prefill and wherever the kernel does not run)."""
+    gate, up = grouped_linear(x[source], gate_up_proj, ends).chunk(2, dim=-1)  # [N, I] each
+    return grouped_linear(F.silu(gate) * up, down_proj, ends)
 
 
 def _row_block(rows: int, experts: int) -> int:

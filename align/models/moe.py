@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.kernels.grouped_mm import grouped_linear
-from align.kernels.moe_experts import expert_mlp, fused_experts_available
+from align.kernels.moe_experts import expert_mlp, expert_mlp_reference, fused_experts_available
 from align.kernels.moe_route import (
     combine,
     combine_reference,
@@ -114,11 +113,8 @@ class Experts(nn.Module):
         fused = fused_route_available(x, experts.numel())
         sort = sort_by_expert if fused else sort_by_expert_reference
         source, position, ends = sort(experts, self.gate_up_proj.shape[0])
-        if fused_experts_available(x, self.gate_up_proj):
-            out = expert_mlp(x, source, ends, self.gate_up_proj, self.down_proj)  # [T*k, H], sorted by expert
-        else:
-            gate, up = grouped_linear(x[source], self.gate_up_proj, ends).chunk(2, dim=-1)  # [T*k, I] each
-            out = grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [T*k, H], sorted by expert
+        mlp = expert_mlp if fused_experts_available(x, self.gate_up_proj) else expert_mlp_reference
+        out = mlp(x, source, ends, self.gate_up_proj, self.down_proj)  # [T*k, H], sorted by expert
         return (combine if fused else combine_reference)(out, position, weights).to(x.dtype)
 
 
