@@ -96,7 +96,7 @@ def expert_gemms(model, batch: int) -> None:
 def variants(model, cache, tokens, positions, attend: int) -> None:
     """Graph step time of the decode step run eagerly and under torch.compile variants."""
     import align.generation.attention as attention
-    import align.models.moe as moe
+    import align.kernels.moe_experts as moe  # where the expert path calls grouped_linear
 
     attention._bmm_out_dtype_works = lambda device, dtype: True  # the probe is not traceable
     step = lambda fn: graph_ms(lambda: fn(model, cache, tokens, positions, attend), reps=20)  # noqa: E731
