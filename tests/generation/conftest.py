@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from align.generation.forward import prefill
 from align.models import DeepseekV2ForCausalLM
 from tests.models.cases import reference_model
 
@@ -40,3 +41,13 @@ def full_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor
     with torch.no_grad():
         logits = model(ids).logits[0].float()  # [L + C, V]
     return logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]  # [C, V]
+
+
+def prefill_prompts(model, cache, prompts: list[list[int]], device: str = "cpu") -> None:
+    """Packed prefill of every prompt but its last token, prompt s into cache slot s (as the engine
+    does before feeding each last token through the decode step)."""
+    packed = [p[:-1] for p in prompts]
+    ids = torch.tensor([t for p in packed for t in p], device=device)
+    positions = torch.tensor([i for p in packed for i in range(len(p))], device=device)
+    slots = torch.tensor([s for s, p in enumerate(packed) for _ in p], device=device)
+    prefill(model, cache, ids, positions, slots, documents=len(packed))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from align.generation import GenerationEngine, LatentCache
-from align.generation.forward import decode_logits, prefill
+from align.generation.forward import decode_logits
 from align.kernels.dispatch import use_triton
 from align.models import build_model
 from tests.models.cases import CASES
 
-from .conftest import full_logits
+from .conftest import full_logits, prefill_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,11 +24,7 @@ STEPS = 6
 def _teacher_forced(model, follow: list[list[int]]) -> torch.Tensor:
     """Decode-step logits [STEPS, slots, V] over the prompts, then the `follow` tokens."""
     cache = LatentCache.for_model(model.config, slots=len(PROMPTS), max_len=48, dtype=torch.bfloat16, device="cuda")
-    packed = [p[:-1] for p in PROMPTS]
-    ids = torch.tensor([t for p in packed for t in p], device="cuda")
-    positions = torch.tensor([i for p in packed for i in range(len(p))], device="cuda")
-    slots = torch.tensor([s for s, p in enumerate(packed) for _ in p], device="cuda")
-    prefill(model, cache, ids, positions, slots, documents=len(packed))
+    prefill_prompts(model, cache, PROMPTS, device="cuda")
     tokens = torch.tensor([p[-1] for p in PROMPTS], device="cuda")
     pos = torch.tensor([len(p) - 1 for p in PROMPTS], device="cuda")
     steps = []

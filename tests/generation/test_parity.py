@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from align.generation import LatentCache, generate
-from align.generation.forward import decode_logits, prefill
+from align.generation.forward import decode_logits
 from tests.models.cases import CASES
 
-from .conftest import full_logits
+from .conftest import full_logits, prefill_prompts
 
 # Ragged, one of length 1, one beyond the YaRN original context (32) of the test configs.
 PROMPTS = [
@@ -54,11 +54,7 @@ def test_decode_step_logits_equal_full_forward(case, case_models):
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
     follow = [torch.randint(0, ours.config.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     cache = LatentCache.for_model(ours.config, slots=3, max_len=48, dtype=torch.float32, device="cpu")
-    packed = [p[:-1] for p in prompts]
-    ids = torch.tensor([t for p in packed for t in p])
-    positions = torch.tensor([i for p in packed for i in range(len(p))])
-    slots = torch.tensor([s for s, p in enumerate(packed) for _ in p])
-    prefill(ours, cache, ids, positions, slots, documents=len(packed))
+    prefill_prompts(ours, cache, prompts)
 
     tokens = torch.tensor([p[-1] for p in prompts])
     pos = torch.tensor([len(p) - 1 for p in prompts])
