@@ -290,7 +290,7 @@ class ModelSection:
     preset: str | None = None  # a named random-init shape (align.models.presets): tiny, deepseek-v2-lite
     path: str | None = None  # or a local Hugging Face checkpoint directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights
-    seed: int = 0  # initialisation seed of a preset
+    seed: int | None = None  # initialisation seed of a preset; null = train.seed
     config: dict[str, Any] = field(default_factory=dict)  # preset config overrides (e.g. num_hidden_layers)
 
     def validate(self, where: str) -> None:

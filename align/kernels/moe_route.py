@@ -1,9 +1,11 @@
 """MoE token routing around the grouped expert GEMMs: choose experts, sort routed slots by expert,
 and combine.
 
-`greedy_gate(x, weight, top_k, norm_topk_prob, scaling)` is the gate of DeepSeek-V2 (-Lite) with
+`greedy_gate(x, weight, top_k, normalise, scale)` is the gate of DeepSeek-V2 (-Lite) with
 plain greedy selection: float32 logits, softmax, the top_k experts, their scores (normalised to
-sum 1 when norm_topk_prob) times scaling -> (weights [T, k] float32, experts [T, k] int64).
+sum 1 when normalise) times scale -> (weights [T, k] float32, experts [T, k] int64). The caller's
+model family picks both (DeepSeek-V2 with norm_topk_prob: (True, 1.0); without: (False,
+routed_scaling_factor)).
 
 `sort_by_expert(experts [T, k], n_experts)` gives, for the T*k routed slots (token t's j-th choice
 is slot t*k + j), a stable order grouped by expert:
@@ -30,14 +32,14 @@ SORT_MAX_SLOTS = 8192  # one program ranks every slot; beyond this the torch sor
 
 # ----------------------------------------------------------------------------- references
 def greedy_gate_reference(
-    x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H] -> (weights [T, k] float32, experts [T, k] int64), best first."""
     scores = F.linear(x.float(), weight.float()).softmax(-1)  # [T, E]
     weights, experts = torch.topk(scores, top_k, dim=-1)
-    if norm_topk_prob:
+    if normalise:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, experts
+    return weights * scale, experts
 
 
 def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
@@ -62,7 +64,7 @@ def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.
 
 # ----------------------------------------------------------------------------- launchers
 def greedy_gate(
-    x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As greedy_gate_reference, in one launch (16 tokens per program)."""
     import triton
@@ -76,7 +78,7 @@ def greedy_gate(
     block_t = 16
     moe_route_triton.greedy_gate_kernel[(triton.cdiv(tokens, block_t),)](
         x, x.stride(0), weight, weight.stride(0), weights, experts, tokens, hidden, weight.shape[0],
-        float(scaling), K=top_k, NORM=bool(norm_topk_prob), BLOCK_T=block_t,
+        float(scale), K=top_k, NORM=bool(normalise), BLOCK_T=block_t,
         BLOCK_E=pow2_block(weight.shape[0]), BLOCK_H=256, num_warps=4,
     )
     return weights, experts

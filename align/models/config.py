@@ -71,6 +71,19 @@ def topk_method(config: PretrainedConfig) -> str:
     return getattr(config, "topk_method", None) or default
 
 
+def routing_weight_rule(config: PretrainedConfig) -> tuple[bool, float]:
+    """(normalise the chosen top-k weights to sum 1?, then multiply them by this scale), per family.
+
+    DeepSeek-V2's own modeling code normalises when `norm_topk_prob` (and top_k > 1) and otherwise
+    scales by `routed_scaling_factor`: one or the other. V3's normalises (same condition), then scales.
+    """
+    normalise = bool(getattr(config, "norm_topk_prob", False)) and config.num_experts_per_tok > 1
+    scale = float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
+    if config.model_type == "deepseek_v3":
+        return normalise, scale
+    return normalise, 1.0 if normalise else scale
+
+
 def is_moe_layer(config: PretrainedConfig, layer_idx: int) -> bool:
     freq = getattr(config, "moe_layer_freq", 1) or 1
     return bool(config.n_routed_experts) and layer_idx >= config.first_k_dense_replace and layer_idx % freq == 0

@@ -8,14 +8,13 @@ from the per-expert hub layout on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from align.kernels.linear_logprob import linear_cross_entropy
 from align.models.checkpoint import load_model, save_model
@@ -33,21 +32,30 @@ def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> 
     return hidden[:, logits_to_keep]
 
 
+# transformers 5.24 renamed the outputs' `past_key_values` field to `cache` (the old name stays a read-only
+# alias); outputs are built with whichever name the installed version declares.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class CausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+class CausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output plus the final hidden states (TRL's fused LM head reads them)."""
+
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
 
 
-class BackboneOutput(NamedTuple):
-    """DeepseekV2Model's output: unpacks as `(hidden, aux)` and, like transformers' backbones, exposes
-    `.last_hidden_state` (TRL's fused LM head reads it from `model.base_model(...)` in its SFT/GRPO trainers)."""
+@dataclass
+class BackboneOutput(MoeModelOutputWithPast):
+    """DeepseekV2Model's output: `last_hidden_state` (after the final norm) and the summed balance loss."""
 
-    last_hidden_state: torch.Tensor
-    aux_loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None = None
+
+
+def pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -123,6 +131,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BackboneOutput:
         """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
@@ -133,6 +142,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = pick_cache(past_key_values, cache)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -149,7 +159,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             x, aux = layer(x, cos, sin, mask, token_mask, past_key_values)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return BackboneOutput(self.norm(x), aux_total)
+        return BackboneOutput(last_hidden_state=self.norm(x), aux_loss=aux_total, **{CACHE_FIELD: past_key_values})
 
 
 class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
@@ -197,15 +207,18 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         return_logits: bool = True,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
         causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
         return_logits=False skips the LM head (`last_hidden_state` is always returned); with labels
         the loss is then computed by the fused linear cross-entropy."""
+        past_key_values = pick_cache(past_key_values, cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        hidden, aux = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        backbone = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        hidden, aux = backbone.last_hidden_state, backbone.aux_loss
         logits = loss = None
         if return_logits:
             logits = self.lm_head(keep_positions(hidden, logits_to_keep))
@@ -214,7 +227,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
             if aux is not None:
                 loss = loss + aux
         return CausalLMOutput(
-            loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden, past_key_values=past_key_values
+            loss=loss, logits=logits, aux_loss=aux, last_hidden_state=hidden, **{CACHE_FIELD: past_key_values}
         )
 
     def _lm_loss(self, hidden, logits, labels, num_items_in_batch):

@@ -5,8 +5,9 @@ Routing (per token, in float32):
 - selection: `greedy` top-k; `group_limited_greedy` keeps the `topk_group` groups with the highest
   max score, then top-k; `noaux_tc` adds `e_score_correction_bias` for the choice only, ranks groups
   by the sum of their two best biased scores, then top-k;
-- weights: the chosen (unbiased) scores, divided by their sum when `norm_topk_prob`, then times
-  `routed_scaling_factor`.
+- weights: the chosen (unbiased) scores; DeepSeek-V2 divides them by their sum when `norm_topk_prob`,
+  else multiplies them by `routed_scaling_factor` (one or the other); V3 normalises (when
+  `norm_topk_prob`), then scales (config.routing_weight_rule).
 The expert-level balance loss (DeepSeek-V2 §2.2, `aux_loss_alpha`, per sequence when `seq_aux`) is
 computed in training mode and returned beside the output.
 """
@@ -26,7 +27,7 @@ from align.kernels.moe_route import (
     sort_by_expert,
     sort_by_expert_reference,
 )
-from align.models.config import num_groups, scoring_func, topk_method
+from align.models.config import num_groups, routing_weight_rule, scoring_func, topk_method
 
 
 class MLP(nn.Module):
@@ -49,20 +50,21 @@ class Gate(nn.Module):
         self.scoring, self.method = scoring_func(config), topk_method(config)
         self.n_group = num_groups(config)
         self.topk_group = config.topk_group or self.n_group
-        self.norm_topk_prob = bool(config.norm_topk_prob)
-        self.scaling = config.routed_scaling_factor
+        self.normalise, self.scale = routing_weight_rule(config)
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         if self.method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32).
+    def forward(
+        self, x: torch.Tensor, need_scores: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32 or None).
 
-        Greedy softmax routing without autograd on CUDA (the decode step) is one Triton launch,
-        and returns scores None (they only feed the training-time balance loss).
+        Greedy softmax routing without autograd on CUDA (the decode step) is one Triton launch that
+        returns scores None; need_scores (the balance loss wants them) keeps the torch path.
         """
-        if self._fused(x):
-            return (*greedy_gate(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling), None)
+        if not need_scores and self._fused(x):
+            return (*greedy_gate(x, self.weight, self.top_k, self.normalise, self.scale), None)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores
@@ -72,9 +74,9 @@ class Gate(nn.Module):
             choice = self._mask_groups(choice)
         experts = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, k]
         weights = scores.gather(1, experts)
-        if self.norm_topk_prob:
+        if self.normalise:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, experts, scores
+        return weights * self.scale, experts, scores
 
     def _fused(self, x: torch.Tensor) -> bool:
         plain = self.method == "greedy" and self.scoring == "softmax" and x.dtype == self.weight.dtype
@@ -158,11 +160,12 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, S, H] -> (out [B, S, H], balance loss or None)."""
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
-        weights, experts, scores = self.gate(flat)
+        want_aux = self.training and self.aux_alpha > 0
+        weights, experts, scores = self.gate(flat, need_scores=want_aux)
         out = self.experts(flat, weights, experts).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         aux = None
-        if self.training and self.aux_alpha > 0:
+        if want_aux:
             aux = balance_loss(scores, experts, x.shape[0], self.aux_alpha, self.seq_aux, token_mask)
         return out, aux

@@ -181,7 +181,8 @@ def load_base_model(recipe: SFTRecipe, device: torch.device, full_checkpoint: Pa
     elif m.path is not None:
         model = DeepseekV2ForCausalLM.from_pretrained(m.path, dtype=m.dtype, device_map=device)
     else:
-        model = build_model(m.preset, dtype=m.dtype, device_map=device, seed=m.seed, **m.config)
+        seed = recipe.train.seed if m.seed is None else m.seed
+        model = build_model(m.preset, dtype=m.dtype, device_map=device, seed=seed, **m.config)
     if recipe.train.aux_loss_alpha is not None:
         set_aux_loss_alpha(model, recipe.train.aux_loss_alpha)
     return model.train()

@@ -67,3 +67,29 @@ def test_decode_step_logits_equal_full_forward(case, case_models):
                 assert (logits[s] - ref).abs().max() / scale <= 1e-5, (case, s, step)
             tokens = torch.tensor([f[step] for f in follow])
             pos = pos + 1
+
+
+@pytest.mark.parametrize("case", ["v2_lite", "v3_noaux"])
+def test_transformers_generate_on_our_model_uses_its_cache_and_equals_the_engine(case, case_models):
+    """GenerationMixin.generate (the path TRL takes) hands our model its cache under the installed
+    transformers' name (`cache` from 5.24, `past_key_values` before): after the prompt every forward
+    sees one new token, and the greedy tokens equal align's engine."""
+    _, ours = case_models(case)
+    seen: list[int] = []
+
+    def record(_module, args, kwargs):
+        seen.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1])
+
+    hook = ours.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for prompt in PROMPTS[:3]:
+            seen.clear()
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = ours.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                                    eos_token_id=None, pad_token_id=0)
+            assert seen[0] == len(prompt) and set(seen[1:]) == {1}, seen
+            [[completion]] = generate(ours, [prompt], max_new_tokens=NEW, temperature=0)
+            assert out[0, len(prompt):].tolist() == completion.token_ids
+    finally:
+        hook.remove()
