@@ -1,16 +1,19 @@
 """Child side of :mod:`rewards.sandbox`: set limits, install the guard, run the user's script.
 
 The parent passes this file's source with ``python -I -c`` followed by the script path and
-a JSON object of limits; nothing here runs on import. It is defence in depth inside the
-untrusted interpreter, not a security boundary (native code can get around any of it):
+a JSON object of limits; nothing here runs on import. The isolation itself is built before this
+runs, by :mod:`rewards._sandbox_init`; the guard below is an extra layer inside the untrusted
+interpreter, not a security boundary (native code can get around any of it, and the sandbox's
+tests show the isolation holding with the guard off):
 
 - resource limits: RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE and no
   core files, soft and hard, before the user's code runs;
 - an audit hook (``sys.addaudithook``, which cannot be removed from Python) that refuses
   process creation (fork, exec, spawn, system, subprocess), sockets and name lookups,
   ``ctypes``, raising resource limits, signalling other processes, and writes or file-system
-  changes outside the work directory (checked on the resolved path, ``dir_fd`` resolved
-  through ``/proc/self/fd``);
+  changes outside the work directory and the ``writable`` directories of the config (the
+  private ``/tmp`` and ``/dev/shm`` when isolated), checked on the resolved path, ``dir_fd``
+  resolved through ``/proc/self/fd``;
 - ``_posixsubprocess.fork_exec`` replaced by a function that refuses, and ``os.open``
   wrapped to check writes relative to a ``dir_fd`` (its audit event does not carry one).
 """
@@ -68,7 +71,7 @@ def _writes(mode, flags):
     return bool((flags or 0) & _WRITE_FLAGS)
 
 
-def _inside(path, root, dir_fd=None):
+def _inside(path, roots, dir_fd=None):
     if isinstance(path, int):
         return True
     path = os.fsdecode(path)
@@ -78,17 +81,17 @@ def _inside(path, root, dir_fd=None):
         except OSError:
             return False
     real = os.path.realpath(path)
-    return real == root or real.startswith(root + os.sep) or real in _ALWAYS_WRITABLE
+    return real in _ALWAYS_WRITABLE or any(real == root or real.startswith(root + os.sep) for root in roots)
 
 
-def _make_guard(root):
+def _make_guard(roots):
     def guard(event, args):
         if event == "open":
-            if _writes(args[1], args[2]) and not _inside(args[0], root):
+            if _writes(args[1], args[2]) and not _inside(args[0], roots):
                 raise PermissionError(f"sandbox: writing {args[0]!r} outside the work directory is not allowed")
         elif event in _PATH_ARGS:
             for i, fd_at in _PATH_ARGS[event]:
-                if not _inside(args[i], root, args[fd_at] if fd_at is not None else None):
+                if not _inside(args[i], roots, args[fd_at] if fd_at is not None else None):
                     raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the work directory")
         elif event in _DENIED_EVENTS:
             raise PermissionError(f"sandbox: {event} is not allowed")
@@ -104,24 +107,24 @@ def _refuse(*args, **kwargs):
     raise PermissionError("sandbox: process creation is not allowed")
 
 
-def _guarded_open(real_open, root):
+def _guarded_open(real_open, roots):
     def open_(path, flags, mode=0o777, *, dir_fd=None):
-        if dir_fd is not None and flags & _WRITE_FLAGS and not _inside(path, root, dir_fd):
+        if dir_fd is not None and flags & _WRITE_FLAGS and not _inside(path, roots, dir_fd):
             raise PermissionError(f"sandbox: writing {path!r} outside the work directory is not allowed")
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
     return open_
 
 
-def _install_guard(root):
+def _install_guard(roots):
     import _posixsubprocess
     import posix
 
-    root = os.path.realpath(root)
+    roots = tuple(os.path.realpath(root) for root in roots)
     _posixsubprocess.fork_exec = _refuse
-    os.open = posix.open = _guarded_open(posix.open, root)
+    os.open = posix.open = _guarded_open(posix.open, roots)
     os.supports_dir_fd.add(os.open)
-    sys.addaudithook(_make_guard(root))
+    sys.addaudithook(_make_guard(roots))
 
 
 def _main():
@@ -132,7 +135,7 @@ def _main():
     sys.dont_write_bytecode = True
     _apply_limits(cfg)
     if cfg["guard"]:
-        _install_guard(os.getcwd())
+        _install_guard([os.getcwd(), *cfg.get("writable", ())])
     module = types.ModuleType("__main__")
     module.__file__ = path
     sys.modules["__main__"] = module

@@ -17,7 +17,14 @@ program plus the asserts exit 0. Every test is one :func:`rewards.sandbox.run_py
 Params: ``tests_column`` (str, ``tests``), ``timeout_s`` (float, 5.0, wall per test),
 ``cpu_s`` (float, 5.0), ``memory_mb`` (int, 1024), ``max_tests`` (int | None: the first N),
 ``workers`` (int, 4: tests run in parallel threads, each in its own process),
-``exact_output`` (bool, False).
+``exact_output`` (bool, False), ``unsafe_no_isolation`` (bool, False; see below).
+
+Isolation: every run is isolated by :mod:`rewards.sandbox` (own user, mount, pid and network
+namespaces, unprivileged uid, no capabilities, read-only file system). When that cannot be set
+up on the machine, building the reward and calling it raise
+:class:`rewards.sandbox.SandboxUnavailable` naming the layer that failed. Only for completions
+you trust, ``unsafe_no_isolation: true`` runs without the namespaces (resource limits and the
+in-process audit hook only), with a warning.
 
 Reward: passed / total tests; 0.0 without a code block; None for rows without tests.
 """
@@ -26,13 +33,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from rewards.registry import Scores, completion_text, register
-from rewards.sandbox import SandboxLimits, run_python
+from rewards.sandbox import SandboxLimits, SandboxUnavailable, require_isolation, run_python
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -84,10 +92,12 @@ def _clean(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).rstrip()
 
 
-def run_test(program: str, test: CodeTest, limits: SandboxLimits, exact_output: bool = False) -> bool:
-    """Whether ``program`` passes ``test`` in the sandbox."""
+def run_test(
+    program: str, test: CodeTest, limits: SandboxLimits, exact_output: bool = False, isolate: bool = True
+) -> bool:
+    """Whether ``program`` passes ``test`` in the sandbox (``isolate=False``: limits and hook only)."""
     code = program if test.expected is not None else f"{program}\n\n{test.script}\n"
-    result = run_python(code, test.stdin, limits)
+    result = run_python(code, test.stdin, limits, isolate=isolate)
     if not result.passed:
         return False
     if test.expected is None:
@@ -101,6 +111,17 @@ def _check(params: Mapping[str, Any]) -> None:
             raise ValueError(f"{key} must be > 0, got {params[key]!r}")
     if params.get("max_tests") is not None and params["max_tests"] < 1:
         raise ValueError("max_tests must be >= 1 or null")
+    if not isinstance(params.get("unsafe_no_isolation", False), bool):
+        raise ValueError(f"unsafe_no_isolation must be true or false, got {params['unsafe_no_isolation']!r}")
+    if not params.get("unsafe_no_isolation", False):
+        try:
+            require_isolation()  # refuse at start-up, not at the first batch
+        except SandboxUnavailable as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class UnsafeSandboxWarning(RuntimeWarning):
+    """The ``code`` reward runs untrusted programs without namespace isolation."""
 
 
 @register("code", check=_check)
@@ -115,8 +136,18 @@ def code_reward(
     max_tests: int | None = None,
     workers: int = 4,
     exact_output: bool = False,
+    unsafe_no_isolation: bool = False,
     **columns: Any,
 ) -> Scores:
+    if unsafe_no_isolation:
+        warnings.warn(
+            "code reward: unsafe_no_isolation is set, so completions run WITHOUT namespace isolation "
+            "(only resource limits and an in-process audit hook that native code can bypass)",
+            UnsafeSandboxWarning,
+            stacklevel=2,
+        )
+    else:
+        require_isolation()
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb)
     rows = columns.get(tests_column, [None] * len(completions))
     jobs: list[tuple[int, str, CodeTest]] = []
@@ -128,7 +159,7 @@ def code_reward(
         jobs += [(i, program, t) for t in tests] if program is not None else []
     passed = [0] * len(completions)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(lambda job: run_test(job[1], job[2], limits, exact_output), jobs)
+        outcomes = pool.map(lambda job: run_test(job[1], job[2], limits, exact_output, not unsafe_no_isolation), jobs)
         for (i, _, _), ok in zip(jobs, outcomes, strict=True):
             passed[i] += int(ok)
     return [passed[i] / totals[i] if totals[i] else None for i in range(len(completions))]

@@ -1,44 +1,50 @@
-"""Run untrusted Python in a separate, limited process: ``run_python(code, stdin, limits)``.
+"""Run untrusted Python in an isolated, limited process: ``run_python(code, stdin, limits)``.
 
-Layers, from the outside in (what each does, honestly):
+The isolation is built by the kernel before the untrusted interpreter starts, by a trusted
+launcher (:mod:`rewards._sandbox_init`, plain ``ctypes`` calls to libc); nothing relies on
+code inside the untrusted interpreter. Layers, each checked by :func:`isolation`:
 
-1. Own process group and session (``start_new_session=True``). On timeout the whole group
-   gets SIGKILL; after every run the group is killed again, so children left behind in the
-   group do not outlive the call.
-2. Namespaces, when ``unshare`` is present and permitted (probed once per process, see
-   :func:`isolation`): a new network namespace (no interface but a downed loopback, so no
-   traffic leaves) and a new PID namespace whose init is a ``/bin/sh`` that waits for Python:
-   when it ends, the kernel kills every process left in the namespace, including ones that
-   left the process group with ``setsid``. Processes inside cannot signal anything outside.
-   Running as root, the child also drops to uid/gid 65534 (nobody) when that user can run
-   the interpreter; then file permissions apply and RLIMIT_NPROC is enforced (the kernel
-   ignores RLIMIT_NPROC for root, and counts it per user, threads included). Not root: a
-   user namespace is tried as well (RLIMIT_NPROC then counts the caller's own processes).
-3. Resource limits set in the child before user code: CPU seconds (SIGXCPU, then SIGKILL a
-   second later), address space (MemoryError), file size (writes fail with EFBIG), process
-   count (see 2), open files, no core files.
-4. An in-interpreter audit hook (:mod:`rewards._sandbox_child`) refusing fork/exec/spawn/
-   subprocess, sockets and DNS, ctypes, raising limits, signalling other processes, and writes
-   or file-system changes outside the work directory. This is what stops a fork bomb or a
-   network call when running as root without namespaces; native code could bypass it.
-5. A throwaway work directory (the child's cwd, HOME and TMPDIR), removed afterwards; a
-   minimal environment (PATH, HOME, TMPDIR, LANG, plus PWD from the shell); ``python -I`` (no
-   user site, no PYTHON* variables); stdin from a file; stdout/stderr to files, read back
-   truncated to ``max_output_bytes`` each.
+1. Identity: a user namespace of its own per run. As root, the child runs as the host's
+   uid/gid 65534 with no supplementary groups; as another user, as that user, seen as 65534
+   inside a nested user namespace. Every capability set is empty (bounding and ambient too),
+   ``no_new_privs`` is set, so setuid binaries and file capabilities give nothing.
+2. Mount namespace: every mount is private and made read-only (and nosuid) recursively with
+   ``mount_setattr`` (Linux >= 5.12); ``/tmp`` and ``/dev/shm`` are fresh size-limited tmpfs
+   mounts, the work directory (``/tmp/work``: cwd, HOME, TMPDIR) lives in that ``/tmp``; a
+   fresh ``/proc`` shows only the sandbox's own processes, so other processes' environ, fds
+   and namespaces are out of reach. When the caller is root and a directory above the
+   interpreter is closed to others (a pyenv under ``/root``), that directory is covered by an
+   empty tmpfs holding only the interpreter's tree, which also hides the rest of it.
+3. Namespaces: an empty network namespace (a downed loopback: no traffic, no DNS), a pid
+   namespace whose init waits for the program and whose end kills everything left in it
+   (``setsid`` and double forks included), and new IPC, UTS and cgroup namespaces.
+4. Seccomp, where libseccomp is installed (optional): mount, namespace, ptrace, bpf,
+   io_uring, keyring, module and similar syscalls fail with EPERM.
+5. Limits, set in the child before user code: CPU seconds (SIGXCPU, then SIGKILL a second
+   later), address space (MemoryError), file size (writes fail with EFBIG or SIGXFSZ),
+   process count (RLIMIT_NPROC, counted per user namespace, so per run), open files, no core
+   files; a wall-clock timeout after which the whole process group is SIGKILLed. Output goes
+   to files, read back truncated to ``max_output_bytes`` each; the environment is minimal.
+6. An in-interpreter audit hook (:mod:`rewards._sandbox_child`), an extra layer only: native
+   code can bypass it, and the layers above hold without it (the tests run with it off).
 
-This is not a container: files outside the work directory stay readable, and without
-namespaces and the uid drop a determined attacker with native code gets out of layer 4.
-Run training in a container (with a pids cgroup limit) for real isolation.
+If a mandatory layer (1-3) cannot be set up, :func:`run_python` raises
+:class:`SandboxUnavailable` naming the layer; it never falls back silently. ``isolate=False``
+(the ``code`` reward's ``unsafe_no_isolation``) runs with layers 5 and 6 only, in a host
+directory, for trusted code. Files outside the work directory stay readable (read-only)
+unless hidden as above.
 
-:class:`SandboxLimits` fields: ``timeout_s`` (wall clock, includes interpreter start),
-``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_bytes``.
-:class:`SandboxResult`: ``returncode`` (negative: killed by that signal, also when the shell
-of layer 2 reported it as 128+N), ``stdout``, ``stderr``, ``timed_out``, ``duration_s``,
-``isolation`` (which of layer 2 applied), ``pgid``; ``passed`` is exit 0 within the time.
+:class:`SandboxLimits` fields: ``timeout_s`` (wall clock, includes start-up), ``cpu_s``,
+``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_bytes``, ``tmpfs_mb``
+(size of each of ``/tmp`` and ``/dev/shm``). :class:`SandboxResult`: ``returncode``
+(negative: killed by that signal), ``stdout``, ``stderr``, ``timed_out``, ``duration_s``,
+``isolation`` (a label of the layers, ``none`` without), ``pgid``; ``passed`` is exit 0
+within the time.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -49,12 +55,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 NOBODY = 65534
-_CHILD_SOURCE = (Path(__file__).with_name("_sandbox_child.py")).read_text(encoding="utf-8")
-_SH_WAIT = '"$@"; exit $?'
+SANDBOX_WORK = "/tmp/work"
+_HERE = Path(__file__).parent
+_CHILD_SOURCE = (_HERE / "_sandbox_child.py").read_text(encoding="utf-8")
+_INIT_SOURCE = (_HERE / "_sandbox_init.py").read_text(encoding="utf-8")
+_DEV_ENTRIES = {"null", "zero", "full", "random", "urandom", "fd", "stdin", "stdout", "stderr", "shm"}
+UNSAFE_HINT = (
+    "Run where user namespaces can be created (as root, or with unprivileged user namespaces "
+    "enabled, Linux >= 5.12), or, only for completions you trust, set "
+    "`params: {unsafe_no_isolation: true}` on the `code` reward (then only resource limits and "
+    "an in-process audit hook apply)."
+)
+
+
+class SandboxUnavailable(RuntimeError):
+    """A mandatory isolation layer cannot be set up on this machine."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class SandboxLimits:
     nproc: int = 32
     nofile: int = 64
     max_output_bytes: int = 64 * 1024
+    tmpfs_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -84,38 +104,12 @@ class SandboxResult:
         return self.returncode == 0 and not self.timed_out
 
 
-def _probe(prefix: list[str], python: str) -> bool:
-    outer = Path(tempfile.mkdtemp(prefix="align-sandbox-probe-"))
-    try:
-        work = _prepare(outer, "pass\n", "", "--setuid" in prefix)
-        cmd = [*prefix, "/bin/sh", "-c", _SH_WAIT, "sh", python, "-I", str(work / "main.py")]
-        done = subprocess.run(
-            cmd, cwd=work, env=_env(str(work)), capture_output=True, timeout=10, start_new_session=True
-        )
-        return done.returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        shutil.rmtree(outer, ignore_errors=True)
+@dataclass(frozen=True)
+class Isolation:
+    """What :func:`isolation` found: ``label`` of the layers, ``problem`` (None when all hold)."""
 
-
-@functools.lru_cache(maxsize=8)
-def isolation(python: str) -> tuple[str, tuple[str, ...]]:
-    """(label, command prefix) of the strongest namespace setup that works for ``python``."""
-    unshare = shutil.which("unshare")
-    if unshare is None or not sys.platform.startswith("linux"):
-        return "none", ()
-    base = [unshare, "--net", "--pid", "--fork", "--kill-child"]
-    candidates = []
-    if os.geteuid() == 0:
-        drop = ["--setuid", str(NOBODY), "--setgid", str(NOBODY)]
-        candidates += [("netns+pidns+nobody", base + drop), ("netns+pidns", base)]
-    else:
-        candidates += [("userns+netns+pidns", [unshare, "--user", "--map-root-user", *base[1:]])]
-    for label, prefix in candidates:
-        if _probe(prefix, python):
-            return label, tuple(prefix)
-    return "none", ()
+    label: str
+    problem: str | None = None
 
 
 def _env(work: str) -> dict[str, str]:
@@ -137,25 +131,208 @@ def _read(path: Path, limit: int) -> str:
     return text + f"\n[... truncated: {size} bytes in total]" if size > limit else text
 
 
-def _prepare(outer: Path, code: str, stdin: str, drop_uid: bool) -> Path:
-    work = outer / "work"
-    work.mkdir()
-    (work / "main.py").write_text(code, encoding="utf-8")
-    (outer / "stdin").write_text(stdin, encoding="utf-8")
-    if drop_uid:
-        outer.chmod(0o711)
-        os.chown(work, NOBODY, NOBODY)
-    return work
-
-
-def _child_config(limits: SandboxLimits, guard: bool) -> str:
-    cfg = {k: v for k, v in asdict(limits).items() if k not in ("timeout_s", "max_output_bytes")}
+def _child_config(limits: SandboxLimits, guard: bool, isolate: bool) -> str:
+    keep = ("cpu_s", "memory_mb", "file_size_mb", "nproc", "nofile")
+    cfg = {k: v for k, v in asdict(limits).items() if k in keep}
     cfg["cpu_s"] = max(1, math.ceil(limits.cpu_s))
-    return json.dumps({**cfg, "guard": guard})
+    writable = ["/tmp", "/dev/shm"] if isolate else []  # private tmpfs mounts when isolated
+    return json.dumps({**cfg, "guard": guard, "writable": writable})
 
 
-def _returncode(rc: int, wrapped: bool) -> int:
-    return -(rc - 128) if wrapped and 128 < rc < 128 + 65 else rc
+def _expose_paths(python: str) -> list[str]:
+    """Paths the interpreter needs: its binary and prefixes (the venv's and the base's)."""
+    real = os.path.realpath(python)
+    if real == os.path.realpath(sys.executable):
+        paths = {real, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    else:
+        paths = {real, str(Path(real).parents[1])}
+    return sorted({os.path.realpath(p) for p in paths})
+
+
+def _command(outer: Path, limits: SandboxLimits, guard: bool, isolate: bool, python: str, status_fd: int):
+    """(argv, cwd, env) of the process to start."""
+    config = _child_config(limits, guard, isolate)
+    if not isolate:
+        work = outer / "work"
+        work.mkdir()
+        (outer / "main.py").rename(work / "main.py")
+        return [python, "-I", "-c", _CHILD_SOURCE, str(work / "main.py"), config], work, _env(str(work))
+    init = {
+        "status_fd": status_fd,
+        "uid": NOBODY,
+        "gid": NOBODY,
+        "program": str(outer / "main.py"),
+        "work": SANDBOX_WORK,
+        "tmpfs_mb": limits.tmpfs_mb,
+        "expose": _expose_paths(python),
+        "argv": [python, "-I", "-c", _CHILD_SOURCE, f"{SANDBOX_WORK}/main.py", config],
+        "env": _env(SANDBOX_WORK),
+    }
+    return [python, "-I", "-S", "-c", _INIT_SOURCE, json.dumps(init)], outer, _env(SANDBOX_WORK)
+
+
+def _status_lines(fd: int) -> list[str]:
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace").splitlines()
+
+
+def _execute(cmd, cwd, env, outer: Path, timeout_s: float, status_w: int) -> tuple[int, bool, float, int]:
+    """Start ``cmd``; wait up to ``timeout_s``; kill its process group; (rc, timed_out, s, pgid)."""
+    start = time.monotonic()
+    timed_out = False
+    with (
+        (outer / "stdin").open("rb") as fin,
+        (outer / "out").open("wb") as fout,
+        (outer / "err").open("wb") as ferr,
+    ):
+        proc = subprocess.Popen(
+            cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, start_new_session=True, pass_fds=(status_w,)
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid)
+            rc = proc.wait()
+        finally:
+            _kill_group(proc.pid)
+    return rc, timed_out, time.monotonic() - start, proc.pid
+
+
+def _run(code: str, stdin: str, limits: SandboxLimits, guard: bool, isolate: bool, python: str):
+    """One run: (SandboxResult with an empty label, the launcher's status lines)."""
+    outer = Path(tempfile.mkdtemp(prefix="align-sandbox-"))
+    status_r, status_w = os.pipe()
+    try:
+        (outer / "main.py").write_text(code, encoding="utf-8")
+        (outer / "stdin").write_text(stdin, encoding="utf-8")
+        cmd, cwd, env = _command(outer, limits, guard, isolate, python, status_w)
+        rc, timed_out, duration, pgid = _execute(cmd, cwd, env, outer, limits.timeout_s, status_w)
+        status = _status_lines(status_r)
+        errors = [line[len("error ") :] for line in status if line.startswith("error ")]
+        if errors:
+            raise SandboxUnavailable(f"sandbox set-up failed: {'; '.join(errors)}. {UNSAFE_HINT}")
+        if isolate and 128 < rc < 128 + 65:
+            rc = -(rc - 128)
+        result = SandboxResult(
+            returncode=rc,
+            stdout=_read(outer / "out", limits.max_output_bytes),
+            stderr=_read(outer / "err", limits.max_output_bytes),
+            timed_out=timed_out,
+            duration_s=duration,
+            isolation="",
+            pgid=pgid,
+        )
+        return result, status
+    finally:
+        os.close(status_r)
+        os.close(status_w)
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+_PROBE = r"""
+import json, os, socket, sys
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines() if ':' in line)
+def write(path):
+    try:
+        open(path, 'w').close()
+    except OSError as exc:
+        return exc.errno
+    os.remove(path)
+    return 0
+mounts = {}
+for line in open('/proc/self/mountinfo'):
+    left, right = line.split(' - ')
+    mounts[left.split()[4]] = [right.split()[0], left.split()[5].split(',')]
+print(json.dumps({
+    'ids': [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
+    'caps': {k: int(status[k], 16) for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')},
+    'nnp': status['NoNewPrivs'].strip(), 'seccomp': status.get('Seccomp', '0').strip(),
+    'writes': {'/': write('/align-probe'), sys.prefix: write(os.path.join(sys.prefix, 'align-probe')),
+               'work': write('align-probe')},
+    'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+    'caller_visible': os.path.exists('/proc/%d' % CALLER),
+    'interfaces': sorted(name for _, name in socket.if_nameindex()),
+    'dev': sorted(os.listdir('/dev')),
+    'mounts': {m: mounts.get(m) for m in ('/', '/tmp', '/dev/shm', '/proc')},
+}))
+"""
+
+
+def _problems(facts: dict) -> list[str]:
+    """The mandatory layers the probe found missing, each as '<layer>: <what was seen>'."""
+    found = []
+    if 0 in facts["ids"]:
+        found.append(f"unprivileged identity: uid/euid/gid/egid are {facts['ids']}")
+    if any(facts["caps"].values()):
+        found.append(f"capabilities: not all dropped {facts['caps']}")
+    if facts["nnp"] != "1":
+        found.append("no_new_privs: not set")
+    for where, err in facts["writes"].items():
+        if where != "work" and err != errno.EROFS:
+            found.append(f"read-only root: creating a file in {where} gave {errno.errorcode.get(err, err)}, not EROFS")
+    if facts["writes"]["work"] != 0:
+        found.append(f"work directory: not writable ({errno.errorcode.get(facts['writes']['work'])})")
+    mounts = facts["mounts"]
+    for where, fstype, opt in (
+        ("/", None, "ro"),
+        ("/tmp", "tmpfs", "rw"),
+        ("/dev/shm", "tmpfs", "rw"),
+        ("/proc", "proc", None),
+    ):
+        seen = mounts.get(where)
+        if seen is None or (fstype and seen[0] != fstype) or (opt and opt not in seen[1]):
+            found.append(f"mount namespace: {where} is {seen}, expected {fstype or 'any'} {opt or ''}".rstrip())
+    if facts["caller_visible"] or len(facts["pids"]) > 3:
+        found.append(
+            f"fresh /proc: the sandbox sees pids {facts['pids'][:8]} (caller visible: {facts['caller_visible']})"
+        )
+    if facts["interfaces"] != ["lo"]:
+        found.append(f"network namespace: interfaces {facts['interfaces']}")
+    extra = sorted(set(facts["dev"]) - _DEV_ENTRIES)
+    if extra:
+        found.append(f"minimal /dev: also holds {extra[:8]}")
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def isolation(python: str) -> Isolation:
+    """Set up every layer once for ``python`` and check from inside that each holds (cached)."""
+    if not sys.platform.startswith("linux"):
+        return Isolation("none", f"namespaces: the sandbox needs Linux, not {sys.platform}")
+    try:
+        probe = _PROBE.replace("CALLER", str(os.getpid()))
+        result, status = _run(probe, "", SandboxLimits(timeout_s=20, cpu_s=10), False, True, python)
+    except SandboxUnavailable as exc:
+        return Isolation("none", str(exc).removesuffix(f" {UNSAFE_HINT}"))
+    if not result.passed:
+        tail = result.stderr.strip()[-500:]
+        return Isolation("none", f"the probe program failed in the sandbox (exit {result.returncode}): {tail}")
+    facts = json.loads(result.stdout)
+    problems = _problems(facts)
+    ready = [line.removeprefix("ready ") for line in status if line.startswith("ready ")]
+    seccomp = "seccomp" if facts["seccomp"] == "2" else (ready[0] if ready else "seccomp skipped")
+    label = f"userns(uid {facts['ids'][0]})+mountns(ro)+pidns+netns+ipcns, no caps, no_new_privs, {seccomp}"
+    return Isolation("none" if problems else label, "; ".join(problems) or None)
+
+
+def require_isolation(python: str | None = None) -> Isolation:
+    """:func:`isolation` for ``python`` (default: this interpreter); raise when a layer is missing."""
+    found = isolation(python or sys.executable)
+    if found.problem:
+        raise SandboxUnavailable(
+            f"the code sandbox cannot isolate untrusted programs here: {found.problem}. {UNSAFE_HINT}"
+        )
+    return found
 
 
 def run_python(
@@ -167,56 +344,14 @@ def run_python(
     isolate: bool = True,
     python: str | None = None,
 ) -> SandboxResult:
-    """Run ``code`` as a script in the sandbox; ``guard``/``isolate`` turn layers 4/2 off (for tests)."""
+    """Run ``code`` as a script in the sandbox.
+
+    ``isolate=False`` drops layers 1-4 (trusted code only); ``guard=False`` drops the audit
+    hook (layer 6, for tests). Raises :class:`SandboxUnavailable` when isolation is asked
+    for and a mandatory layer cannot be set up.
+    """
     limits = limits or SandboxLimits()
     python = python or sys.executable
-    label, prefix = isolation(python) if isolate else ("none", ())
-    wrapper = [*prefix, "/bin/sh", "-c", _SH_WAIT, "sh"] if prefix else []
-    outer = Path(tempfile.mkdtemp(prefix="align-sandbox-"))
-    try:
-        work = _prepare(outer, code, stdin, "--setuid" in prefix)
-        cmd = [
-            *wrapper,
-            python,
-            "-I",
-            "-c",
-            _CHILD_SOURCE,
-            str(work / "main.py"),
-            _child_config(limits, guard),
-        ]
-        start = time.monotonic()
-        timed_out = False
-        with (
-            (outer / "stdin").open("rb") as fin,
-            (outer / "out").open("wb") as fout,
-            (outer / "err").open("wb") as ferr,
-        ):
-            proc = subprocess.Popen(
-                cmd,
-                stdin=fin,
-                stdout=fout,
-                stderr=ferr,
-                cwd=work,
-                env=_env(str(work)),
-                start_new_session=True,
-            )
-            try:
-                rc = proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc.pid)
-                rc = proc.wait()
-            finally:
-                _kill_group(proc.pid)
-        duration = time.monotonic() - start
-        return SandboxResult(
-            returncode=_returncode(rc, bool(prefix)),
-            stdout=_read(outer / "out", limits.max_output_bytes),
-            stderr=_read(outer / "err", limits.max_output_bytes),
-            timed_out=timed_out,
-            duration_s=duration,
-            isolation=label,
-            pgid=proc.pid,
-        )
-    finally:
-        shutil.rmtree(outer, ignore_errors=True)
+    label = require_isolation(python).label if isolate else "none"
+    result, _ = _run(code, stdin, limits, guard, isolate, python)
+    return replace(result, isolation=label)
