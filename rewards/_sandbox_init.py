@@ -200,22 +200,9 @@ def _blocked(path):
 
 def _mask(libc, directory, keep, layer):
     """Cover ``directory`` with an empty tmpfs that holds only the entries in ``keep``."""
-    trees = []
-    for name in keep:
-        path = os.fsencode(f"{directory}/{name}")
-        flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
-        fd = _ok(layer, libc.syscall(SYS_OPEN_TREE, ctypes.c_long(AT_FDCWD), path, ctypes.c_long(flags)))
-        trees.append((name, fd, os.path.isdir(path)))
+    clones = _clone(libc, [f"{directory}/{name}" for name in keep], layer)
     _ok(layer, libc.mount(b"tmpfs", os.fsencode(directory), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755,size=64k"))
-    for name, fd, is_dir in trees:
-        target = os.fsencode(f"{directory}/{name}")
-        if is_dir:
-            os.mkdir(target)
-        else:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
-        args = (ctypes.c_long(fd), b"", ctypes.c_long(AT_FDCWD), target, ctypes.c_long(MOVE_MOUNT_F_EMPTY_PATH))
-        _ok(layer, libc.syscall(SYS_MOVE_MOUNT, *args))
-        os.close(fd)
+    _attach(libc, clones, layer)
 
 
 def _expose(libc, paths):
@@ -239,11 +226,35 @@ def _minimal_dev(libc):
     os.mkdir("/dev/shm")
 
 
+def _clone(libc, paths, layer):
+    """Detached copies of the mounts at ``paths``, to re-attach under a tmpfs that covers them."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+    return [(p, _ok(layer, libc.syscall(SYS_OPEN_TREE, ctypes.c_long(AT_FDCWD), os.fsencode(p), ctypes.c_long(flags))),
+             os.path.isdir(p)) for p in paths]  # fmt: skip
+
+
+def _attach(libc, clones, layer):
+    for path, fd, is_dir in clones:
+        os.makedirs(path if is_dir else os.path.dirname(path), mode=0o755, exist_ok=True)
+        if not is_dir:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        args = (
+            ctypes.c_long(fd),
+            b"",
+            ctypes.c_long(AT_FDCWD),
+            os.fsencode(path),
+            ctypes.c_long(MOVE_MOUNT_F_EMPTY_PATH),
+        )
+        _ok(layer, libc.syscall(SYS_MOVE_MOUNT, *args))
+        os.close(fd)
+
+
 def _build_filesystem(cfg, libc):
     with open(cfg["program"], "rb") as f:
         program = f.read()
+    needed = cfg["interpreter"]
     if cfg["root_caller"]:
-        _expose(libc, cfg["expose"])
+        _expose(libc, needed)
     _minimal_dev(libc)
     attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
     args = (ctypes.c_long(AT_FDCWD), b"/", ctypes.c_long(AT_RECURSIVE), ctypes.byref(attr), ctypes.sizeof(attr))
@@ -252,9 +263,12 @@ def _build_filesystem(cfg, libc):
     # subset=pid (Linux >= 5.8): only process directories, no /proc/sys, sysrq-trigger, kcore ...
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     _ok("fresh /proc", libc.mount(b"proc", b"/proc", b"proc", flags, b"subset=pid"))
+    in_tmp = [p for p in needed if p.startswith("/tmp/") and not any(p.startswith(q + "/") for q in needed)]
+    clones = _clone(libc, in_tmp, "keeping the interpreter under /tmp")
     options = f"mode=1777,size={cfg['tmpfs_mb']}m,nr_inodes=4096".encode()
     for where in ("/tmp", "/dev/shm"):
         _ok(f"tmpfs on {where}", libc.mount(b"tmpfs", where.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options))
+    _attach(libc, clones, "keeping the interpreter under /tmp")
     work = cfg["work"]
     os.mkdir(work, 0o700)
     with open(os.path.join(work, "main.py"), "wb") as f:

@@ -1,45 +1,53 @@
 """Run untrusted Python in an isolated, limited process: ``run_python(code, stdin, limits)``.
 
 The isolation is built by the kernel before the untrusted interpreter starts, by a trusted
-launcher (:mod:`rewards._sandbox_init`, plain ``ctypes`` calls to libc); nothing relies on
-code inside the untrusted interpreter. Layers, each checked by :func:`isolation`:
+launcher (:mod:`rewards._sandbox_init`, plain ``ctypes`` calls to libc, no extra binaries);
+none of it relies on code inside the untrusted interpreter. Layers 1-3 are mandatory and
+:func:`isolation` checks each from inside the sandbox once per process:
 
 1. Identity: a user namespace of its own per run. As root, the child runs as the host's
-   uid/gid 65534 with no supplementary groups; as another user, as that user, seen as 65534
-   inside a nested user namespace. Every capability set is empty (bounding and ambient too),
-   ``no_new_privs`` is set, so setuid binaries and file capabilities give nothing.
-2. Mount namespace: every mount is private and made read-only (and nosuid) recursively with
-   ``mount_setattr`` (Linux >= 5.12); ``/tmp`` and ``/dev/shm`` are fresh size-limited tmpfs
-   mounts, the work directory (``/tmp/work``: cwd, HOME, TMPDIR) lives in that ``/tmp``; a
-   fresh ``/proc`` shows only the sandbox's own processes, so other processes' environ, fds
-   and namespaces are out of reach. When the caller is root and a directory above the
-   interpreter is closed to others (a pyenv under ``/root``), that directory is covered by an
-   empty tmpfs holding only the interpreter's tree, which also hides the rest of it.
-3. Namespaces: an empty network namespace (a downed loopback: no traffic, no DNS), a pid
-   namespace whose init waits for the program and whose end kills everything left in it
-   (``setsid`` and double forks included), and new IPC, UTS and cgroup namespaces.
-4. Seccomp, where libseccomp is installed (optional): mount, namespace, ptrace, bpf,
-   io_uring, keyring, module and similar syscalls fail with EPERM.
+   uid/gid 65534 with no supplementary groups; as another user, as that same user, seen as
+   65534 inside a nested user namespace. Every capability set is empty (bounding and ambient
+   too), ``no_new_privs`` is set (setuid binaries and file capabilities give nothing), and
+   the sandbox's init process is not dumpable (the program cannot ptrace it).
+2. Mount namespace: every mount private and made read-only and nosuid recursively with
+   ``mount_setattr`` (Linux >= 5.12), so writes outside fail with EROFS whatever the file
+   permissions; ``/tmp`` and ``/dev/shm`` are fresh tmpfs mounts of ``tmpfs_mb`` each; the
+   work directory ``/tmp/work`` (cwd, HOME, TMPDIR) lives in that ``/tmp`` and disappears
+   with the run; ``/dev`` is a tmpfs with only null, zero, full, random, urandom and the std
+   stream links; ``/proc`` is a fresh ``subset=pid`` instance of the run's own pid namespace
+   (no other process's environ, fds or namespaces; no ``/proc/sys``). When the caller is
+   root and a directory above the interpreter is closed to others (a pyenv under ``/root``),
+   that directory is covered by a tmpfs that holds only the interpreter's tree, which also
+   hides the rest of it.
+3. Namespaces: an empty network namespace (a downed loopback: no traffic, no DNS, no
+   abstract sockets of the host), a pid namespace whose init waits for the program and whose
+   end kills everything left in it (``setsid`` and double forks included), and new IPC, UTS
+   and cgroup namespaces.
+4. Seccomp, optional, where libseccomp.so.2 can be loaded: mount, namespace (unshare,
+   setns, clone with namespace flags), ptrace, bpf, io_uring, keyring, module and similar
+   syscalls fail with EPERM; ``clone3`` with ENOSYS so libc falls back to ``clone``.
 5. Limits, set in the child before user code: CPU seconds (SIGXCPU, then SIGKILL a second
-   later), address space (MemoryError), file size (writes fail with EFBIG or SIGXFSZ),
-   process count (RLIMIT_NPROC, counted per user namespace, so per run), open files, no core
-   files; a wall-clock timeout after which the whole process group is SIGKILLed. Output goes
-   to files, read back truncated to ``max_output_bytes`` each; the environment is minimal.
+   later), address space (MemoryError), file size (EFBIG or SIGXFSZ), process count
+   (RLIMIT_NPROC, counted per user namespace, so per run; the kernel does not apply it to a
+   child whose host uid is 0, which happens only when the caller is root inside a user
+   namespace), open files, no core files; a wall-clock timeout after which the whole process
+   group is SIGKILLed. Output goes to files, read back truncated to ``max_output_bytes``; the
+   environment is minimal (PATH, HOME, TMPDIR, LANG); ``python -I``.
 6. An in-interpreter audit hook (:mod:`rewards._sandbox_child`), an extra layer only: native
-   code can bypass it, and the layers above hold without it (the tests run with it off).
+   code can bypass it, and the tests show layers 1-5 holding with it off.
 
-If a mandatory layer (1-3) cannot be set up, :func:`run_python` raises
-:class:`SandboxUnavailable` naming the layer; it never falls back silently. ``isolate=False``
-(the ``code`` reward's ``unsafe_no_isolation``) runs with layers 5 and 6 only, in a host
-directory, for trusted code. Files outside the work directory stay readable (read-only)
-unless hidden as above.
+If a mandatory layer cannot be set up, :func:`run_python` raises :class:`SandboxUnavailable`
+naming the layer; it never falls back silently. ``isolate=False`` (the ``code`` reward's
+``unsafe_no_isolation``) runs with layers 5 and 6 only, in a host directory: trusted code
+only. What stays visible: the rest of the host file system, read-only, with the permissions
+of an unprivileged user (or of the calling user, when not root).
 
 :class:`SandboxLimits` fields: ``timeout_s`` (wall clock, includes start-up), ``cpu_s``,
-``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_bytes``, ``tmpfs_mb``
-(size of each of ``/tmp`` and ``/dev/shm``). :class:`SandboxResult`: ``returncode``
-(negative: killed by that signal), ``stdout``, ``stderr``, ``timed_out``, ``duration_s``,
-``isolation`` (a label of the layers, ``none`` without), ``pgid``; ``passed`` is exit 0
-within the time.
+``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_bytes``, ``tmpfs_mb``.
+:class:`SandboxResult`: ``returncode`` (negative: killed by that signal), ``stdout``,
+``stderr``, ``timed_out``, ``duration_s``, ``isolation`` (a label of the layers, ``none``
+without), ``pgid``; ``passed`` is exit 0 within the time.
 """
 
 from __future__ import annotations
@@ -139,13 +147,15 @@ def _child_config(limits: SandboxLimits, guard: bool, isolate: bool) -> str:
     return json.dumps({**cfg, "guard": guard, "writable": writable})
 
 
-def _expose_paths(python: str) -> list[str]:
-    """Paths the interpreter needs: its binary and prefixes (the venv's and the base's)."""
+def _interpreter_paths(python: str) -> list[str]:
+    """Paths the interpreter needs: its binary (as named and resolved) and prefixes (venv and base)."""
     real = os.path.realpath(python)
+    named = Path(os.path.abspath(python)).parent
+    paths = {real, str(named.parent if (named.parent / "pyvenv.cfg").exists() else named)}
     if real == os.path.realpath(sys.executable):
-        paths = {real, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+        paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     else:
-        paths = {real, str(Path(real).parents[1])}
+        paths.add(str(Path(real).parents[1]))
     return sorted({os.path.realpath(p) for p in paths})
 
 
@@ -164,7 +174,7 @@ def _command(outer: Path, limits: SandboxLimits, guard: bool, isolate: bool, pyt
         "program": str(outer / "main.py"),
         "work": SANDBOX_WORK,
         "tmpfs_mb": limits.tmpfs_mb,
-        "expose": _expose_paths(python),
+        "interpreter": _interpreter_paths(python),
         "argv": [python, "-I", "-c", _CHILD_SOURCE, f"{SANDBOX_WORK}/main.py", config],
         "env": _env(SANDBOX_WORK),
     }

@@ -75,6 +75,22 @@ def _with(marker: str) -> list[int]:
     return pids
 
 
+def _new_shm_entries(before: set[str], shm_name: str) -> list[str]:
+    """Entries added to the host's /dev/shm by a sandbox: our name, or owned by the sandbox uid.
+
+    (Other programs on a shared machine may add theirs meanwhile; those are not counted.)
+    """
+    found = []
+    for name in set(os.listdir("/dev/shm")) - before:
+        try:
+            owner = os.stat(f"/dev/shm/{name}").st_uid
+        except FileNotFoundError:
+            continue
+        if shm_name in name or owner == sandbox.NOBODY:
+            found.append(name)
+    return found
+
+
 def _sandbox_dirs() -> set[str]:
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("align-sandbox-")}
 
@@ -112,7 +128,7 @@ class Arena:
         assert not self.accepted(), "a sandboxed program reached the caller's loopback listener"
         assert self.decoy.poll() is None, "the stand-in trainer was killed"
         assert _with(self.cfg["nonce"]) == [], "a detached process outlived its run"
-        assert set(os.listdir("/dev/shm")) - self.shm_before == set()
+        assert _new_shm_entries(self.shm_before, self.cfg["shm_name"]) == []
         assert _sandbox_dirs() - self.dirs_before == set()
         assert _our_children(ignore=(self.decoy.pid,)) == []
 
@@ -404,3 +420,14 @@ def test_seccomp_layer_where_libseccomp_is_installed():
     lines = result.stdout.split("\n")
     assert lines[1] == f"-1 {errno.EPERM}"  # no capabilities, seccomp or not
     assert (lines[0] == f"-1 {errno.EPERM}") == has_lib, result.stdout
+
+
+def test_an_interpreter_under_tmp_and_a_closed_directory(tmp_path):
+    """A venv in the caller's /tmp (covered by the sandbox's own /tmp), below a 0700 directory."""
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(closed / "venv")], check=True)
+    python = str(closed / "venv" / "bin" / "python")
+    assert sandbox.isolation(python).problem is None
+    result = run_python("import os, sys\nprint(sys.prefix, os.getuid())", limits=FAST, python=python)
+    assert result.stdout.split() == [str(closed / "venv"), "65534"], result.stderr
