@@ -9,8 +9,9 @@ runs on import. Four processes, each waiting for the next and passing its exit s
    own id;
 2. holder: unshares user, mount, pid, network, IPC, UTS and cgroup namespaces in one call (so
    the new user namespace owns the others), makes every mount private, forks;
-3. init, pid 1 of the new pid namespace: builds the file system (interpreter exposed, fresh
-   ``/proc``, everything read-only, tmpfs on ``/tmp`` and ``/dev/shm``, the work directory in
+3. init, pid 1 of the new pid namespace: builds the file system (interpreter exposed, a
+   minimal ``/dev``, everything read-only, a fresh ``subset=pid`` ``/proc``, tmpfs on ``/tmp``
+   and ``/dev/shm``, the interpreter's trees under ``/tmp`` re-attached, the work directory in
    ``/tmp``), drops to the unprivileged identity with no capabilities and ``no_new_privs``,
    loads the seccomp filter where libseccomp exists, forks, and reaps until its child ends;
    then the kernel kills whatever is left in the namespace;

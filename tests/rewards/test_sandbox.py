@@ -205,7 +205,8 @@ def test_attacks_score_zero_as_a_non_root_uid(arena):
     """The same from a caller that is uid 1000 in a user namespace of its own.
 
     The fork bomb runs only with the hook there: such a caller is the host's uid 0 underneath,
-    which the kernel exempts from RLIMIT_NPROC; a real non-root uid is not exempt.
+    which the kernel exempts from RLIMIT_NPROC (it would fork until the wall clock); a real
+    non-root uid is not exempt (test_fork_bomb_is_capped_for_a_real_non_root_caller).
     """
     cfg = {**arena.cfg, "unhooked_except": ["fork_bomb"]}
     cmd = ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable]
@@ -431,3 +432,31 @@ def test_an_interpreter_under_tmp_and_a_closed_directory(tmp_path):
     assert sandbox.isolation(python).problem is None
     result = run_python("import os, sys\nprint(sys.prefix, os.getuid())", limits=FAST, python=python)
     assert result.stdout.split() == [str(closed / "venv"), "65534"], result.stderr
+
+
+def test_fork_bomb_is_capped_for_a_real_non_root_caller():
+    """Caller with a host uid other than 0 (uid 65534 through setpriv when the tests run as root).
+
+    The system's python3 runs it (the venv's interpreter may sit under a directory that uid
+    65534 cannot enter), on a copy of the three sandbox files in a directory it can read.
+    """
+    copy = tempfile.mkdtemp(prefix="align-sandbox-copy-", dir="/var/tmp")
+    try:
+        for name in ("sandbox.py", "_sandbox_init.py", "_sandbox_child.py"):
+            shutil.copy(os.path.join(ROOT_DIR, "rewards", name), copy)
+        os.chmod(copy, 0o755)
+        code = (
+            f"import sys; sys.path.insert(0, {copy!r}); import sandbox, os\n"
+            "limits = sandbox.SandboxLimits(timeout_s=4.0, cpu_s=1, memory_mb=256, nproc=16)\n"
+            "r = sandbox.run_python('import os\\nwhile True:\\n    os.fork()', limits=limits, guard=False)\n"
+            "print(os.getuid(), r.returncode, r.timed_out, 'BlockingIOError' in r.stderr, r.isolation)"
+        )
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        python = "/usr/bin/python3" if os.geteuid() == 0 else sys.executable
+        done = subprocess.run([*prefix, python, "-c", code], cwd=copy, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(copy)
+    assert done.returncode == 0, done.stderr[-2000:]
+    uid, rc, timed_out, blocked, label = done.stdout.split(maxsplit=4)
+    assert uid != "0" and rc == "1" and timed_out == "False" and blocked == "True", done.stdout
+    assert label.startswith("userns")
