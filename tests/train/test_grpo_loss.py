@@ -403,8 +403,9 @@ def test_mask_truncated_completions_matches_trl(trl_setup: TRLSetup, monkeypatch
     monkeypatch.setattr(tr, "mask_truncated_completions", True)
     masked = _generate(trl_setup, seed=5)
     assert torch.equal(plain["completion_ids"], masked["completion_ids"])
+    eos_ids = getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id]  # attribute since trl 1.15
     ours = mask_truncated_completions(
-        plain["completion_ids"], plain["completion_mask"], tr.eos_token_ids, tr.processing_class.pad_token_id
+        plain["completion_ids"], plain["completion_mask"], eos_ids, tr.processing_class.pad_token_id
     )
     kept = ours.any(-1)
     assert kept.any() and not kept.all()
