@@ -90,8 +90,8 @@ def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) 
         train_path, eval_path = sft.synthetic_files(recipe, accelerator)
         train, evals, source = load_rows(train_path), load_rows(eval_path), str(train_path)
     else:
-        train, source = load_rows(d.train, d.train_split), str(d.train)
-        evals = load_rows(d.eval, d.eval_split) if d.eval is not None else None
+        train, source = load_rows(d.train, d.train_split, d.on_error), str(d.train)
+        evals = load_rows(d.eval, d.eval_split, d.on_error) if d.eval is not None else None
     return PromptData(tokenize_prompts(train, tokenizer, recipe, source, say), list(evals) if evals else [])
 
 

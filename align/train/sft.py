@@ -79,9 +79,9 @@ def load_sft_rows(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[object, 
     if data.synthetic is not None:
         train_path, eval_path = synthetic_files(recipe, accelerator)
         return load_rows(train_path), load_rows(eval_path), str(train_path), str(eval_path)
-    train = load_rows(data.train, data.train_split)
+    train = load_rows(data.train, data.train_split, data.on_error)
     if data.eval is not None:
-        return train, load_rows(data.eval, data.eval_split), str(data.train), str(data.eval)
+        return train, load_rows(data.eval, data.eval_split, data.on_error), str(data.train), str(data.eval)
     if data.eval_fraction > 0:
         split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
         return split["train"], split["test"], str(data.train), f"{data.train} (eval_fraction)"
