@@ -60,7 +60,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert 0.0 <= evals[30]["eval/exact_match"] <= 1.0
     assert all(k in records[0] for k in ("train/lr", "train/grad_norm", "train/tokens_per_s"))
     assert (run / "checkpoints" / "step-000015" / "model" / "config.json").is_file()
-    assert (run / "checkpoints" / "step-000030" / "optimizer.pt").is_file()
+    assert (run / "checkpoints" / "step-000030" / "optimizer.safetensors").is_file()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "final" / name).is_file()
     assert not list(run.rglob(".*.tmp*")), "temporary directories left behind"

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 
 from align.recipe import RLRecipe, to_dict
 from align.train import checkpointing as ckpt
-from align.train import sft
+from align.train import rundir, sft
 from align.train.advantages import group_advantages, reward_std
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
@@ -317,12 +317,15 @@ def _run_rl(recipe: RLRecipe) -> dict:
     if accelerator.num_processes > 1:
         raise ValueError("align rl runs in one process (multi-process GRPO is not built yet); "
                          "launch it without accelerate launch / torchrun")
-    run_dir, say = sft.prepare_run(recipe, accelerator)
-    tokenizer = sft.load_tokenizer_for(recipe)
-    data = prepare_prompts(recipe, tokenizer, accelerator, say)
-    rewards = build_rewards(recipe.rewards, where=f"{run_dir / 'recipe.yaml'}: rewards")
-    g, t = recipe.grpo, recipe.train
-    setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step, say)
+    opened, say = sft.prepare_run(recipe, accelerator)
+    run_dir, g, t = opened.path, recipe.grpo, recipe.train
+    with rundir.removed_on_failure(opened, accelerator):
+        tokenizer = sft.load_tokenizer_for(recipe)
+        data = prepare_prompts(recipe, tokenizer, accelerator, say)
+        rewards = build_rewards(recipe.rewards, where="rewards")
+        setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step,
+                                say, opened.resume, run_steps=t.steps)
+        sft.write_recipe(opened, recipe, accelerator)
     engine = GenerationEngine(setup.model, max_batch=g.rollout_batch)
     say(f"GRPO: {t.steps} rounds of {g.prompts_per_step} prompts x {g.num_generations} completions "
         f"(<= {g.max_completion_length} tokens), {g.num_iterations} optimizer step(s) each, loss {g.loss_type}, "

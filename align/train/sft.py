@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 
 from align.recipe import SFTRecipe, dump_recipe, to_dict
 from align.train import checkpointing as ckpt
+from align.train import rundir
 from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.metrics import MetricsWriter, bar_postfix, check_trackers, progress_bar
@@ -268,11 +269,29 @@ def loss_head(model, mode: str, accelerator: Accelerator):
     return None
 
 
+def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> None:
+    """The checkpoint's step fits in this run, and it took as many rows per step as this run will."""
+    state = ckpt.read_trainer_state(resume)
+    if state["step"] > run_steps:
+        raise ValueError(
+            f"resume_from {resume}: the checkpoint is at step {state['step']}, beyond this recipe's {run_steps} "
+            f"steps; set train.steps to at least {state['step']} to continue it"
+        )
+    if state["step"] and state.get("rows_consumed") != state["step"] * rows_per_step:
+        raise ValueError(
+            f"resume_from {resume}: it was trained with {state.get('rows_consumed', 0) // state['step']} rows per "
+            f"step, this run has {rows_per_step}; keep micro_batch_size x grad_accum x processes equal"
+        )
+
+
 def setup_model(
-    recipe: SFTRecipe, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say
+    recipe: SFTRecipe, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say,
+    resume: Path | None, run_steps: int | None = None,
 ) -> Setup:
-    """Model (+LoRA), wrapping, optimizer, scheduler; restored from a checkpoint when resuming."""
-    resume = ckpt.resolve_resume(recipe.resume_from, recipe.output.run_dir)
+    """Model (+LoRA), wrapping, optimizer, scheduler; restored from checkpoint `resume` when given.
+    run_steps: the steps of the run as checkpoints count them (default `steps`, the optimizer steps)."""
+    if resume is not None:
+        check_resume_position(resume, run_steps or steps, rows_per_step)
     full_ckpt = resume / "model" if resume is not None and recipe.lora is None else None
     model = load_base_model(recipe, accelerator.device, full_ckpt)
     base_ref = None
@@ -293,11 +312,6 @@ def setup_model(
     setup = Setup(model, optimizer, scheduler, mode, base_ref, resume, head=loss_head(model, mode, accelerator))
     if resume is not None:
         state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator)
-        if state["rows_consumed"] != state["step"] * rows_per_step:
-            raise ValueError(
-                f"resume_from {resume}: it was trained with {state['rows_consumed'] // state['step']} rows per "
-                f"step, this run has {rows_per_step}; keep micro_batch_size x grad_accum x processes equal"
-            )
         setup.start_step = state["step"]
         say(f"resumed from {resume} at step {setup.start_step}")
     return setup
@@ -375,7 +389,7 @@ def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accel
                 model.save_pretrained(tmp / "model", state_dict=state)
                 tokenizer.save_pretrained(tmp / "model")
         ckpt.save_training_state(tmp, setup.model, setup.optimizer, setup.scheduler,
-                                 {"step": step, **extra}, accelerator)
+                                 {"step": step, **extra}, accelerator, dump_recipe(recipe))
     if accelerator.is_main_process:
         ckpt.prune_checkpoints(recipe.output.run_dir, recipe.train.keep_checkpoints)
     return out
@@ -429,22 +443,29 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def prepare_run(recipe: SFTRecipe, accelerator: Accelerator):
-    """Seeding, run directory, the printed + saved resolved recipe."""
+def prepare_run(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[rundir.RunDir, object]:
+    """Seeding, the run directory checked (rundir), the printed resolved recipe (saved by write_recipe)."""
     set_seed(recipe.train.seed)
-    run_dir = Path(recipe.output.run_dir)
-    text = dump_recipe(recipe)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(text)
-        print(f"resolved recipe (saved to {run_dir / 'recipe.yaml'}):\n{text}", flush=True)
-    accelerator.wait_for_everyone()
+    run, cleared = rundir.open_run_dir(recipe, accelerator)
 
     def say(message: str) -> None:
         if accelerator.is_main_process:
             print(message, flush=True)
 
-    return run_dir, say
+    say(f"resolved recipe (saved to {run.path / rundir.RECIPE} once the run is set up):\n{dump_recipe(recipe)}")
+    if cleared:
+        say(cleared)
+    if run.notes:
+        say(f"resuming {run.resume} with changed settings: {'; '.join(run.notes)}")
+    return run, say
+
+
+def write_recipe(run: rundir.RunDir, recipe: SFTRecipe, accelerator: Accelerator) -> None:
+    """<run_dir>/recipe.yaml, once every check of the run has passed."""
+    if accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / rundir.RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+    accelerator.wait_for_everyone()
 
 
 def run_sft(recipe: SFTRecipe) -> dict:
@@ -455,13 +476,15 @@ def run_sft(recipe: SFTRecipe) -> dict:
 
 def _run_sft(recipe: SFTRecipe) -> dict:
     accelerator = make_accelerator(recipe)
-    run_dir, say = prepare_run(recipe, accelerator)
-    tokenizer = load_tokenizer_for(recipe)
-    data = prepare_data(recipe, tokenizer, accelerator, say)
-    t = recipe.train
-    rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
-    steps = total_steps(recipe, len(data.train), rows_per_step)
-    setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say)
+    run, say = prepare_run(recipe, accelerator)
+    run_dir, t = run.path, recipe.train
+    with rundir.removed_on_failure(run, accelerator):
+        tokenizer = load_tokenizer_for(recipe)
+        data = prepare_data(recipe, tokenizer, accelerator, say)
+        rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
+        steps = total_steps(recipe, len(data.train), rows_per_step)
+        setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, run.resume)
+        write_recipe(run, recipe, accelerator)
     say(f"{accelerator.num_processes} process(es), {setup.mode}, device {accelerator.device}, "
         f"{steps} steps of {rows_per_step} rows ({steps * rows_per_step / len(data.train):.2f} epochs)")
     if setup.resume is None:  # per-process streams (dropout); a resumed run restored its own
