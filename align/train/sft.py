@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 
 from align.recipe import SFTRecipe, dump_recipe, to_dict
 from align.train import checkpointing as ckpt
-from align.train import rundir
+from align.train import guards, rundir
 from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.metrics import MetricsWriter, bar_postfix, check_trackers, progress_bar
@@ -258,6 +258,7 @@ class Setup:
     resume: Path | None
     start_step: int = 0
     head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
+    trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
 
 
 def loss_head(model, mode: str, accelerator: Accelerator):
@@ -312,7 +313,7 @@ def setup_model(
     setup = Setup(model, optimizer, scheduler, mode, base_ref, resume, head=loss_head(model, mode, accelerator))
     if resume is not None:
         state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator)
-        setup.start_step = state["step"]
+        setup.start_step, setup.trainer_state = state["step"], state
         say(f"resumed from {resume} at step {setup.start_step}")
     return setup
 
@@ -337,7 +338,8 @@ def grad_sync(model, enabled: bool, mode: str):
 
 
 def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTRecipe, accelerator) -> dict:
-    """Forward/backward every micro-batch, clip, step. Returns global loss / aux / grad norm."""
+    """Forward/backward every micro-batch, clip, step. Returns global loss / aux / grad norm, and
+    `_skipped`: the loss or gradient norm was NaN / inf on some process, so no process applied the update."""
     model, world = setup.model, accelerator.num_processes
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [ce share, aux]
     lr = setup.optimizer.param_groups[0]["lr"]
@@ -353,13 +355,15 @@ def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTR
     max_norm = recipe.train.max_grad_norm or float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    setup.optimizer.step()
-    setup.scheduler.step()
-    setup.optimizer.zero_grad(set_to_none=True)
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
+    skipped = guards.any_nonfinite(torch.cat([sums, norm.reshape(1).to(sums)]), accelerator)
+    if not skipped:
+        setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
     return {"train/loss": sums[0].item(), "train/aux_loss": sums[1].item() / world,
-            "train/grad_norm": norm.item(), "train/lr": lr}
+            "train/grad_norm": norm.item(), "train/lr": lr, "_skipped": skipped}
 
 
 def step_batches(data: SFTData, order: DataOrder, step: int, recipe: SFTRecipe, accelerator):
@@ -377,6 +381,7 @@ def step_batches(data: SFTData, order: DataOrder, step: int, recipe: SFTRecipe, 
 def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accelerator, extra: dict) -> Path:
     out = ckpt.checkpoint_dir(recipe.output.run_dir, step)
     sharded = setup.mode == "fsdp"
+    guards.require_finite_weights(setup.model, accelerator, step, recipe.output.run_dir)
     with ckpt.atomic_dir(out, accelerator) as tmp:
         model = unwrapped(setup.model, accelerator)
         if recipe.lora is not None:
@@ -395,10 +400,11 @@ def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accel
     return out
 
 
-def save_final(setup: Setup, tokenizer, recipe: SFTRecipe, accelerator) -> Path:
-    """<run_dir>/final: a full hub-layout checkpoint (LoRA merged in) + tokenizer. Run last: merging
-    folds the adapters into the base weights in place."""
+def save_final(setup: Setup, tokenizer, recipe: SFTRecipe, accelerator, step: int) -> Path:
+    """<run_dir>/final: a full hub-layout checkpoint (LoRA merged in) + tokenizer, of step `step`. Run
+    last: merging folds the adapters into the base weights in place."""
     out = Path(recipe.output.run_dir) / "final"
+    guards.require_finite_weights(setup.model, accelerator, step, recipe.output.run_dir)
     state = ckpt.full_state_dict(setup.model, setup.mode == "fsdp") if recipe.lora is None else None
     with ckpt.atomic_dir(out, accelerator) as tmp:
         if accelerator.is_main_process:
@@ -506,6 +512,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _say(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def _log(step: int, metrics: dict, writer: MetricsWriter, accelerator, bar) -> None:
     shown = {k: v for k, v in metrics.items() if not k.startswith("_")}
     writer.write(step, shown)
@@ -519,19 +530,25 @@ def train_loop(setup, data, tokenizer, recipe, accelerator, steps, rows_per_step
     t = recipe.train
     order = DataOrder(len(data.train), t.seed, rows_per_step)
     bar = progress_bar(steps, setup.start_step, recipe.output.progress and accelerator.is_main_process)
-    window: list[dict] = []
+    guard = guards.NonFiniteGuard(t.max_nonfinite_steps, recipe.output.run_dir,
+                                  int(setup.trainer_state.get("nonfinite_steps", 0)))
+    window: list[dict] = []  # the applied steps since the last log record
     clock, tokens = time.perf_counter(), 0
     for step in range(setup.start_step, steps):
         batches, n_items, n_tokens = step_batches(data, order, step, recipe, accelerator)
-        window.append(train_step(setup, batches, max(n_items, 1), recipe, accelerator))
+        result, done = train_step(setup, batches, max(n_items, 1), recipe, accelerator), step + 1
+        if result.pop("_skipped"):
+            _say(accelerator, guard.skipped(done, result))  # raises past train.max_nonfinite_steps
+        else:
+            window.append(result)
         tokens += n_tokens
         bar.update(1)
-        done = step + 1
-        if done % t.log_every == 0 or done == steps:
+        if (done % t.log_every == 0 or done == steps) and window:
             elapsed = time.perf_counter() - clock
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             metrics.update({"train/lr": window[-1]["train/lr"], "train/tokens_per_s": tokens / elapsed,
                             "train/epoch": done * rows_per_step / len(data.train)})
+            metrics.update({"train/nonfinite_steps": guard.count} if guard.count else {})
             _log(done, metrics, writer, accelerator, bar)
             window, clock, tokens = [], time.perf_counter(), 0
         if t.eval_every and done % t.eval_every == 0 and done != steps:
@@ -539,7 +556,7 @@ def train_loop(setup, data, tokenizer, recipe, accelerator, steps, rows_per_step
         if (t.save_every and done % t.save_every == 0) or done == steps:
             save_checkpoint(setup, done, tokenizer, recipe, accelerator,
                             {"rows_consumed": done * rows_per_step, "total_steps": steps,
-                             "world_size": accelerator.num_processes})
+                             "world_size": accelerator.num_processes, "nonfinite_steps": guard.count})
     bar.close()
     return finish(setup, data, tokenizer, recipe, accelerator, steps, writer)
 
@@ -561,5 +578,5 @@ def finish(setup, data, tokenizer, recipe, accelerator, steps, writer) -> dict:
     last = ckpt.checkpoint_dir(recipe.output.run_dir, steps)
     say(f"checkpoint: {last}")
     if recipe.output.merge:
-        say(f"final model (merged, with tokenizer): {save_final(setup, tokenizer, recipe, accelerator)}")
+        say(f"final model (merged, with tokenizer): {save_final(setup, tokenizer, recipe, accelerator, steps)}")
     return metrics
