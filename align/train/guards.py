@@ -40,12 +40,12 @@ def any_nonfinite(values: torch.Tensor, accelerator) -> bool:
 
 def weights_finite(model: torch.nn.Module, accelerator) -> bool:
     """Whether every trainable weight is finite on every process (FSDP2: each checks its shards)."""
-    bad = False
+    bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     for param in model.parameters():
         if param.requires_grad:
             local = param.to_local() if hasattr(param, "to_local") else param
-            bad = bad or not bool(torch.isfinite(local.detach()).all())
-    return not any_flag(bad, accelerator)
+            bad |= ~torch.isfinite(local.detach()).all().to(bad.device)  # one host sync at the end, not per weight
+    return not any_flag(bool(bad), accelerator)
 
 
 def newest_checkpoint(run_dir: str | Path) -> str:
