@@ -51,7 +51,20 @@ def run_sft_command(args: argparse.Namespace) -> int:
     from align.recipe import SFTRecipe, load_recipe
     from align.train.sft import run_sft
 
-    run_sft(load_recipe(SFTRecipe, resolve_recipe_path(args.recipe), args.overrides))
+    recipe = load_recipe(SFTRecipe, resolve_recipe_path(args.recipe), args.overrides)
+    return run_interruptible(run_sft, recipe, ["align", "sft", args.recipe, *args.overrides])
+
+
+def run_interruptible(run: Callable, recipe, command: list[str]) -> int:
+    """Run a training recipe; Ctrl-C stops it with what was saved and the command to continue (exit 130)."""
+    try:
+        run(recipe)
+    except KeyboardInterrupt:
+        from align.train.rundir import rerun_command
+
+        if os.environ.get("RANK", "0") == "0":  # one message under torchrun / accelerate launch
+            print(f"\ninterrupted; {rerun_command(command, recipe.output.run_dir)}", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
@@ -65,8 +78,8 @@ def run_rl_command(args: argparse.Namespace) -> int:
     from align.recipe import RLRecipe, load_recipe
     from align.train.grpo import run_rl
 
-    run_rl(load_recipe(RLRecipe, resolve_recipe_path(args.recipe), args.overrides))
-    return 0
+    recipe = load_recipe(RLRecipe, resolve_recipe_path(args.recipe), args.overrides)
+    return run_interruptible(run_rl, recipe, ["align", "rl", args.recipe, *args.overrides])
 
 
 def add_plot_parser(subparsers) -> None:
@@ -107,16 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. User errors (recipe, data, paths) print `error: ...` and exit 2; set
-    ALIGN_DEBUG=1 for the traceback."""
+    """Entry point. User errors (recipe, data, paths, checkpoints) print `error: ...` and exit 2; a run
+    stopped by its guards (align.train.guards: NaN / inf, no reward signal) prints why and exits 1;
+    Ctrl-C exits 130. Set ALIGN_DEBUG=1 for the traceback."""
+    from align.train.errors import TrainingStopped
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, TrainingStopped) as err:
         if os.environ.get("ALIGN_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, TrainingStopped) else 2
 
 
 if __name__ == "__main__":

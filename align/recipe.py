@@ -10,6 +10,8 @@ Rules:
   list[X], dict[str, Any], nested dataclasses, `Section | None` for optional sections);
 - an override `a.b=value` is parsed by the type of field `a.b` (so `output.run_dir=123` stays a
   string) and `lora=null` switches an optional section off, `lora.r=8` switches it on;
+- floats must be finite; a numeric field declared with `ranged(default, Range(...))` must lie in
+  its range (the error names the key and the range), checked as each section is built;
 - after construction each dataclass's `validate()` method (if any) checks cross-field rules and
   raises RecipeError.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import operator
 import types
 import typing
@@ -37,6 +40,63 @@ _FALSE = ("false", "no", "off", "0")
 
 class RecipeError(ValueError):
     """A recipe (file or override) that does not match the schema; the message names key and fix."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric recipe key; each bound is inclusive unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.open_high and value == self.high))
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {low}"
+        return f"{'<' if self.open_high else '<='} {high}"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)
+SEED = Range(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field whose value (each item, for a list) must lie in `valid` (None always passes)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"range": valid})
+    return field(default=default, metadata={"range": valid})
+
+
+def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
+    """RecipeError naming the first field of dataclass `obj` outside its declared Range."""
+    for f in dataclasses.fields(obj):
+        valid = f.metadata.get("range")
+        value = getattr(obj, f.name)
+        if valid is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if item not in valid:
+                key = _join(prefix, f.name) + ("" if i is None else f"[{i}]")
+                raise RecipeError(f"{where}: '{key}' must be {valid}, got {item!r}")
 
 
 # ----------------------------------------------------------------------------------------- types
@@ -92,13 +152,18 @@ def _scalar(value: Any, tp: Any, where: str, key: str, shown: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):
+            raise RecipeError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -179,6 +244,7 @@ def build(
         if f.name not in kwargs and _is_section(hints[f.name]):
             kwargs[f.name] = build(hints[f.name], {}, where, _join(prefix, f.name), root)
     obj = cls(**kwargs)
+    check_ranges(obj, where, prefix)
     check = getattr(obj, "validate", None)
     if callable(check):
         check(where)
@@ -290,7 +356,7 @@ class ModelSection:
     preset: str | None = None  # a named random-init shape (align.models.presets): tiny, deepseek-v2-lite
     path: str | None = None  # or a local Hugging Face checkpoint directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights
-    seed: int | None = None  # initialisation seed of a preset; null = train.seed
+    seed: int | None = ranged(None, SEED)  # initialisation seed of a preset; null = train.seed
     config: dict[str, Any] = field(default_factory=dict)  # preset config overrides (e.g. num_hidden_layers)
 
     def validate(self, where: str) -> None:
@@ -310,16 +376,12 @@ class TokenizerSection:
 class SyntheticSection:
     """Arithmetic chats from data_tools.synthetic, written to <run_dir>/data/{train,test}.jsonl."""
 
-    train: int = 10000
-    test: int = 200
-    seed: int = 0
-    max_operand: int = 99
+    train: int = ranged(10000, AT_LEAST_1)
+    test: int = ranged(200, AT_LEAST_1)
+    seed: int = ranged(0, SEED)
+    max_operand: int = ranged(99, AT_LEAST_1)
     ops: str = "+-"
-    teacher_error: float = 0.0  # share of borrowing subtractions whose training reply forgets the borrow
-
-    def validate(self, where: str) -> None:
-        if not 0.0 <= self.teacher_error <= 1.0:
-            raise RecipeError(f"{where}: 'data.synthetic.teacher_error' must be in [0, 1], got {self.teacher_error}")
+    teacher_error: float = ranged(0.0, FRACTION)  # share of borrowing subtractions whose reply forgets the borrow
 
 
 @dataclass
@@ -331,7 +393,7 @@ class DataSourceSection:
     train_split: str | None = None  # split of a dataset directory (default 'train')
     eval_split: str | None = None
     synthetic: SyntheticSection | None = None  # instead of `train` / `eval`
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = "raise"  # a malformed row / line: stop naming it, or count and skip
 
     def validate(self, where: str) -> None:
         if (self.train is None) == (self.synthetic is None):
@@ -340,39 +402,28 @@ class DataSourceSection:
 
 @dataclass
 class DataSection(DataSourceSection):
-    eval_fraction: float = 0.0  # hold out this share of train rows when `eval` is not given
-    max_length: int = 2048
+    eval_fraction: float = ranged(0.0, Range(0, 1, open_high=True))  # held-out share of train when no `eval`
+    max_length: int = ranged(2048, Range(2))
     packing: bool = True  # best-fit packing into rows of `max_length` tokens
     train_on: Literal["assistant", "all"] = "assistant"
     truncation: Literal["right", "drop"] = "right"
 
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if self.max_length < 2:
-            raise RecipeError(f"{where}: 'data.max_length' must be at least 2, got {self.max_length}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise RecipeError(f"{where}: 'data.eval_fraction' must be in [0, 1), got {self.eval_fraction}")
-
 
 @dataclass
 class LoRASection:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0  # only 0 with MLP / expert targets (peft's parameter-targeted LoRA)
+    r: int = ranged(16, AT_LEAST_1)
+    alpha: float = ranged(32.0, POSITIVE)
+    dropout: float = ranged(0.0, Range(0, 1, open_high=True))  # only 0 with MLP / expert targets (peft)
     targets: list[str] | None = None  # null = DeepSeek-V2 defaults (align.train.lora.DEFAULT_TARGETS)
     routed_experts: bool = False  # also adapt the stacked routed-expert weights
-
-    def validate(self, where: str) -> None:
-        if self.r < 1:
-            raise RecipeError(f"{where}: 'lora.r' must be positive, got {self.r}")
 
 
 @dataclass
 class OptimSection:
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # on matrices only, never on norms or biases
+    lr: float = ranged(2e-4, POSITIVE)
+    betas: list[float] = ranged([0.9, 0.95], Range(0, 1, open_high=True))
+    eps: float = ranged(1e-8, POSITIVE)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)  # on matrices only, never on norms or biases
 
     def validate(self, where: str) -> None:
         if len(self.betas) != 2:
@@ -382,58 +433,57 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
-    step_at: list[float] = field(default_factory=lambda: [0.8, 0.9])  # step: fractions of the steps
-    step_factor: float = 0.316  # step: lr multiplier at each of `step_at` (DeepSeek-V2)
+    warmup_steps: int = ranged(0, NON_NEGATIVE)
+    min_lr_ratio: float = ranged(0.0, FRACTION)  # cosine: final lr = lr * min_lr_ratio
+    step_at: list[float] = ranged([0.8, 0.9], FRACTION)  # step: fractions of the steps
+    step_factor: float = ranged(0.316, Range(0, 1, open_low=True))  # step: lr multiplier at each `step_at`
 
 
 @dataclass
 class LoopSection:
     """What every training loop (SFT, RL) shares."""
 
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = ranged(1.0, POSITIVE)  # null = no clipping
     bf16: bool = True  # bf16 autocast where supported (CUDA); CPU runs float32
     gradient_checkpointing: bool = False
-    aux_loss_alpha: float | None = None  # MoE balance-loss coefficient; null = the model config's
-    seed: int = 0
+    aux_loss_alpha: float | None = ranged(None, NON_NEGATIVE)  # MoE balance-loss coefficient; null = config's
+    seed: int = ranged(0, SEED)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    log_every: int = 1
-    eval_every: int = 0  # 0 = at the end only
-    save_every: int = 0  # 0 = at the end only
-    keep_checkpoints: int | None = None  # keep only the newest N step checkpoints
+    log_every: int = ranged(1, AT_LEAST_1)
+    eval_every: int = ranged(0, NON_NEGATIVE)  # 0 = at the end only
+    save_every: int = ranged(0, NON_NEGATIVE)  # 0 = at the end only
+    keep_checkpoints: int | None = ranged(None, AT_LEAST_1)  # keep only the newest N step checkpoints
+    # optimizer steps whose loss or gradient norm is NaN / inf that are skipped (not applied) before
+    # the run stops with an error; 0 = stop at the first
+    max_nonfinite_steps: int = ranged(0, NON_NEGATIVE)
 
 
 @dataclass
 class TrainSection(LoopSection):
-    steps: int | None = None  # optimizer steps; or
-    epochs: float | None = None  # passes over the training rows
-    micro_batch_size: int = 8  # rows per process per forward
-    grad_accum: int = 1
+    steps: int | None = ranged(None, AT_LEAST_1)  # optimizer steps; or
+    epochs: float | None = ranged(None, POSITIVE)  # passes over the training rows
+    micro_batch_size: int = ranged(8, AT_LEAST_1)  # rows per process per forward
+    grad_accum: int = ranged(1, AT_LEAST_1)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
 
     def validate(self, where: str) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise RecipeError(f"{where}: set exactly one of 'train.steps' or 'train.epochs'")
-        for name in ("micro_batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"{where}: 'train.{name}' must be at least 1, got {getattr(self, name)}")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise RecipeError(f"{where}: 'train.steps' / 'train.epochs' must be positive")
 
 
 @dataclass
 class EvalSection:
     exact_match: bool = False  # greedy-decode eval prompts, compare the answer (data_tools.synthetic)
-    samples: int | None = None  # at most this many eval rows for exact match (null = all)
-    max_new_tokens: int = 16
-    batch_size: int = 64  # prompts per decode batch; also rows per eval-loss batch
+    samples: int | None = ranged(None, AT_LEAST_1)  # at most this many eval rows for exact match (null = all)
+    max_new_tokens: int = ranged(16, AT_LEAST_1)
+    batch_size: int = ranged(64, AT_LEAST_1)  # prompts per decode batch; also rows per eval-loss batch
     engine: bool = False  # decode with align.generation's engine (KV cache) instead of full forwards
 
 
 @dataclass
 class OutputSection:
     run_dir: str = "runs/sft"
+    overwrite: bool = False  # a fresh run into a run_dir holding an earlier run deletes it first
     merge: bool = True  # write <run_dir>/final: merged full HF checkpoint + tokenizer
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, trackio, ...
     progress: bool = True
@@ -463,59 +513,41 @@ class PromptDataSection(DataSourceSection):
     for exact match (`prompt` + `answer`, or `messages`)."""
 
     prompt_column: str = "prompt"
-    max_prompt_length: int = 512  # longer prompts keep their last tokens (counted and reported)
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if self.max_prompt_length < 1:
-            raise RecipeError(f"{where}: 'data.max_prompt_length' must be at least 1, got {self.max_prompt_length}")
+    max_prompt_length: int = ranged(512, AT_LEAST_1)  # longer prompts keep their last tokens (counted)
 
 
 @dataclass
 class GRPOSection:
     """Group-relative policy optimisation; option names follow trl.GRPOConfig where the concept is the same."""
 
-    prompts_per_step: int = 16  # prompts per generation round (each sampled num_generations times)
-    num_generations: int = 8  # G: completions per prompt
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    num_iterations: int = 1  # μ: optimizer steps on each generation round (μ > 1 uses old log-probs)
-    beta: float = 0.0  # KL coefficient (k3 estimator); 0 skips the reference pass
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # clip-higher (DAPO); null = epsilon
-    delta: float | None = None  # cap on the unclipped ratio (two-sided clipping); null = off
+    prompts_per_step: int = ranged(16, AT_LEAST_1)  # prompts per generation round (each sampled G times)
+    num_generations: int = ranged(8, Range(2))  # G: completions per prompt (a group of one has no baseline)
+    max_completion_length: int = ranged(256, AT_LEAST_1)
+    temperature: float = ranged(1.0, POSITIVE)
+    top_p: float = ranged(1.0, Range(0, 1, open_low=True))
+    top_k: int = ranged(0, NON_NEGATIVE)  # 0 = off
+    num_iterations: int = ranged(1, AT_LEAST_1)  # μ: optimizer steps per generation round (μ > 1: old log-probs)
+    beta: float = ranged(0.0, NON_NEGATIVE)  # KL coefficient (k3 estimator); 0 skips the reference pass
+    epsilon: float = ranged(0.2, NON_NEGATIVE)
+    epsilon_high: float | None = ranged(None, NON_NEGATIVE)  # clip-higher (DAPO); null = epsilon
+    delta: float | None = ranged(None, Range(1, open_low=True))  # cap on the unclipped ratio; null = off
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
-    micro_batch_size: int = 16  # completions per forward / backward
-    rollout_batch: int = 256  # decode slots of the rollout engine
-
-    def validate(self, where: str) -> None:
-        for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_iterations",
-                     "micro_batch_size", "rollout_batch"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"{where}: 'grpo.{name}' must be at least 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise RecipeError(f"{where}: 'grpo.temperature' must be > 0 for sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise RecipeError(f"{where}: 'grpo.top_p' must be in (0, 1] and 'grpo.top_k' >= 0")
-        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise RecipeError(f"{where}: 'grpo.beta', 'grpo.epsilon' and 'grpo.epsilon_high' must be >= 0")
+    micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward
+    rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine
+    # rounds in a row in which every reward raised or returned None (no learning signal) before the
+    # run stops with an error; each such round is a warning
+    max_failed_reward_steps: int = ranged(3, AT_LEAST_1)
 
 
 @dataclass
 class RLTrainSection(LoopSection):
-    steps: int = 100  # generation rounds (each gives grpo.num_iterations optimizer steps)
-    sample_every: int = 10  # write sample completions with their rewards to completions.jsonl (0 = never)
-    samples_per_log: int = 4  # prompts (with all their completions) per completions.jsonl entry
+    steps: int = ranged(100, AT_LEAST_1)  # generation rounds (each gives grpo.num_iterations optimizer steps)
+    sample_every: int = ranged(10, NON_NEGATIVE)  # sample completions + rewards to completions.jsonl (0 = never)
+    samples_per_log: int = ranged(4, AT_LEAST_1)  # prompts (with all their completions) per completions.jsonl entry
     distributed: Literal["auto"] = "auto"  # one process (multi-process GRPO is not built yet)
-
-    def validate(self, where: str) -> None:
-        if self.steps < 1 or self.log_every < 1:
-            raise RecipeError(f"{where}: 'train.steps' and 'train.log_every' must be at least 1")
 
 
 @dataclass

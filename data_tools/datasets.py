@@ -11,6 +11,7 @@ Formats (by column names, first match wins):
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 TRAIN_ON = ("assistant", "all")
 TRUNCATION = ("right", "drop")
 ON_ERROR = ("raise", "skip")
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED = (
     "a .jsonl / .json / .parquet file, a directory written by Dataset.save_to_disk or "
@@ -56,14 +59,49 @@ def _find_json_error(path: Path) -> str | None:
     return None
 
 
-def _load_file(path: Path) -> datasets.Dataset:
+def _json_lines(path: Path) -> tuple[list[dict], list[str]]:
+    """The lines of a JSON Lines file that are JSON objects, and what is wrong with each other line."""
+    rows, bad = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            bad.append(f"line {lineno}: {err.msg}")
+            continue
+        if isinstance(value, dict):
+            rows.append(value)
+        else:
+            bad.append(f"line {lineno}: a JSON {type(value).__name__}, not an object")
+    return rows, bad
+
+
+def _skip_bad_lines(path: Path, err: Exception) -> datasets.Dataset:
+    """data.on_error=skip: the file's JSON-object lines, the others counted and named in a warning."""
+    rows, bad = _json_lines(path)
+    if not bad:
+        raise ValueError(f"{path}: could not load as json: {err.__cause__ or err}") from err
+    if not rows:
+        raise ValueError(f"{path}: no line is a JSON object (first problem: {bad[0]})") from err
+    logger.warning("%s: skipped %d line(s) that are not JSON objects (data.on_error=skip): %s%s", path, len(bad),
+                   "; ".join(bad[:3]), "; ..." if len(bad) > 3 else "")
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as again:  # e.g. a column holding a number in one row and a string in another
+        raise ValueError(f"{path}: its JSON lines do not form one table: {again}") from again
+
+
+def _load_file(path: Path, on_error: str = "raise") -> datasets.Dataset:
     builder = "parquet" if path.suffix == ".parquet" else "json"
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
+        if builder == "json" and on_error == "skip":
+            return _skip_bad_lines(path, err)
         problem = _find_json_error(path) if builder == "json" else None
         if problem is not None:
-            raise ValueError(f"{path}: invalid JSON at {problem}") from err
+            raise ValueError(f"{path}: invalid JSON at {problem} (data.on_error=skip skips such lines)") from err
         cause = err.__cause__ or err
         raise ValueError(f"{path}: could not load as {builder}: {cause}") from err
 
@@ -95,17 +133,19 @@ def _split_file(path: Path, split: str | None) -> Path:
     )
 
 
-def load_rows(path: str | Path, split: str | None = None) -> datasets.Dataset:
+def load_rows(path: str | Path, split: str | None = None, on_error: str = "raise") -> datasets.Dataset:
     """Rows of a local dataset. `split` picks a split of a directory (default "train");
-    a single file is its own data whatever the split."""
+    a single file is its own data whatever the split. A JSON Lines line that is not a JSON object
+    is an error naming it (on_error "raise"), or skipped with a logged warning counting them ("skip")."""
+    _check_choice("on_error", on_error, ON_ERROR)
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset {str(path)!r} does not exist; expected {_SUPPORTED}")
     if path.is_dir():
-        return _load_saved(path, split) if _saved_dataset(path) else _load_file(_split_file(path, split))
+        return _load_saved(path, split) if _saved_dataset(path) else _load_file(_split_file(path, split), on_error)
     if path.suffix not in FILE_SUFFIXES:
         raise ValueError(f"dataset {str(path)!r} has unsupported extension {path.suffix!r}; expected {_SUPPORTED}")
-    return _load_file(path)
+    return _load_file(path, on_error)
 
 
 def detect_format(column_names: Sequence[str]) -> str:
@@ -195,6 +235,7 @@ class DataStats:
     dropped_too_long: int = 0
     dropped_no_trained: int = 0
     skipped_malformed: int = 0
+    first_skipped: str = ""  # why the first skipped row was malformed
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list, repr=False)
@@ -237,7 +278,8 @@ class DataStats:
             f"(max_length {self.max_length}, truncation {self.truncation!r})",
             f"  truncated {self.truncated}, dropped too long {self.dropped_too_long}, "
             f"dropped with nothing to train {self.dropped_no_trained}, "
-            f"skipped malformed {self.skipped_malformed}",
+            f"skipped malformed {self.skipped_malformed}"
+            + (f" (the first: {self.first_skipped})" if self.first_skipped else ""),
             f"  tokens {self.tokens:,}, trained {self.trained_tokens:,} ({share:.1%})",
             f"  length min {self.length_min} / mean {self.length_mean:.1f} / p50 {self.length_p50} / "
             f"p95 {self.length_p95} / max {self.length_max}",
@@ -262,11 +304,33 @@ def _fit(ids: list[int], labels: list[int], max_length: int, truncation: str, st
     return {"input_ids": ids, "labels": labels}
 
 
+def check_replies(row: Mapping[str, object], where: str) -> None:
+    """A training conversation ends with an assistant reply, and no assistant reply is empty. `row` is a
+    standard-format row that tokenize_row accepted: `messages`, `prompt` + `completion`, or `text`."""
+    if "messages" in row:
+        messages, name = row["messages"], "message {}"
+    elif "completion" in row:
+        completion = row["completion"]
+        messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        name = "the completion"
+    else:
+        return  # plain text: every token is trained
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise ValueError(f"{where}: {name.format(i)} is an empty assistant reply; a training row needs a reply")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the conversation ends with a {messages[-1]['role']!r} message, not an "
+                         f"assistant reply (a truncated conversation?)")
+
+
 def _tokenize_one(
     tokenizer: PreTrainedTokenizerBase, row: Mapping[str, object], fmt: str, train_on: str, where: str
 ) -> tuple[list[int], list[int]]:
     try:
-        return tokenize_row(tokenizer, to_standard(row, fmt, where), train_on, where)
+        standard = to_standard(row, fmt, where)
+        tokenized = tokenize_row(tokenizer, standard, train_on, where)  # its errors first: the more basic ones
+        check_replies(standard, where)
+        return tokenized
     except (TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{where}: malformed row ({type(err).__name__}: {err})") from err
 
@@ -303,10 +367,11 @@ def tokenize_dataset(
         stats.rows += 1
         try:
             ids, labels = _tokenize_one(tokenizer, row, fmt, train_on, f"{source}: row {number}")
-        except ValueError:
+        except ValueError as err:
             if on_error == "raise":
                 raise
             stats.skipped_malformed += 1
+            stats.first_skipped = stats.first_skipped or str(err)
             continue
         example = _fit(ids, labels, max_length, truncation, stats)
         if example is not None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +63,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert 0.0 <= evals[30]["eval/exact_match"] <= 1.0
     assert all(k in records[0] for k in ("train/lr", "train/grad_norm", "train/tokens_per_s"))
     assert (run / "checkpoints" / "step-000015" / "model" / "config.json").is_file()
-    assert (run / "checkpoints" / "step-000030" / "optimizer.pt").is_file()
+    assert (run / "checkpoints" / "step-000030" / "optimizer.safetensors").is_file()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "final" / name).is_file()
     assert not list(run.rglob(".*.tmp*")), "temporary directories left behind"
@@ -94,3 +97,28 @@ def test_bad_recipe_value_and_file(tmp_path, capsys):
 def test_plot_without_metrics_fails_cleanly(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_with_the_resume_command(tmp_path):
+    """SIGINT after the first checkpoint: exit 130, no traceback, what was saved and how to continue."""
+    run = tmp_path / "run"
+    args = ["sft", str(TINY), "train.steps=200", "train.save_every=2", "train.log_every=1", "data.synthetic.train=400",
+            "model.config.num_hidden_layers=1", "eval.exact_match=false", "output.progress=false",
+            f"output.run_dir={run}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(run.glob("checkpoints/step-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    message = err[err.index("interrupted; saved: "):].splitlines()
+    assert len(message) == 2 and f"{run / 'checkpoints'}/step-0000" in message[0]
+    command = shlex.split(message[1])
+    assert command[:3] == ["align", "sft", str(TINY)] and command[-1] == "resume_from=latest"
+    again = run_cli(*command[1:])  # the command as printed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and (run / "checkpoints" / "step-000200").is_dir()

@@ -4,10 +4,17 @@ Layout of `<run_dir>/checkpoints/step-000100/`:
     adapter/             LoRA runs: a PEFT adapter directory (adapter_config.json +
                          adapter_model.safetensors), loadable with peft onto transformers' DeepseekV2
     model/               full fine-tuning: a hub-layout checkpoint (config.json + safetensors) + tokenizer
-    optimizer.pt         AdamW state by parameter name, unsharded (any world size / mode can resume)
-    scheduler.pt         LambdaLR state
-    rng/rank-<r>.pt      python / numpy / torch (/ CUDA) RNG states of each process
-    trainer_state.json   step, rows consumed (the data position), world size, total steps
+    optimizer.safetensors  AdamW state tensors by parameter name, unsharded (any world size / mode
+    optimizer.json         can resume), and the param groups / which tensors each parameter has
+    scheduler.json         LambdaLR state
+    rng/rank-<r>.json      python / numpy / torch (/ CUDA) RNG states of each process
+    recipe.yaml            the recipe that wrote it (resume checks the new recipe against it)
+    trainer_state.json     step, rows consumed (the data position), world size, total steps
+
+Nothing in a checkpoint is unpickled: tensors are safetensors, the rest JSON / YAML, so a crafted
+checkpoint directory cannot run code on resume (FSDP2 runs gather the full optimizer state into the
+same files). A malformed file is a CheckpointError naming it. Checkpoints of earlier versions
+(optimizer.pt & co., pickles) are refused, not loaded.
 
 Every directory is written under a temporary name and renamed into place when complete
 (align.models.checkpoint.replace_dir), so an interrupted save leaves no partial checkpoint.
@@ -26,12 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from align.models.checkpoint import replace_dir
+from align.models.checkpoint import CheckpointError, replace_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_FILE = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RECIPE_FILE = "recipe.yaml"
+PICKLED = ("optimizer.pt", "scheduler.pt")  # the earlier format: never loaded
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -85,22 +97,53 @@ def atomic_dir(out: str | Path, accelerator) -> Iterator[Path]:
     accelerator.wait_for_everyone()
 
 
+# ---------------------------------------------------------------------------------- JSON files
+
+
+def write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=1, allow_nan=True))
+
+
+def read_json(path: Path, what: str) -> object:
+    """A JSON file of a checkpoint; a missing or malformed one is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete (expected {what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a JSON file ({err}); expected {what}") from err
+
+
 # ------------------------------------------------------------------------------------------ RNG
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream of this process as plain JSON data."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def load_rng_file(path: Path) -> None:
+    state = read_json(path, "RNG states")
+    try:
+        set_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a valid RNG state ({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------------- model weights
@@ -155,34 +198,103 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(_bare(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def save_optimizer_files(state: dict, out: Path) -> None:
+    """optimizer.safetensors (tensor `<param>/<key>`) + optimizer.json (param groups, layout, scalars)."""
+    tensors, layout = {}, {}
+    for name, entries in state["state"].items():
+        layout[name] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                layout[name][key] = None  # None: the tensor `<name>/<key>` of optimizer.safetensors
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                layout[name][key] = value
+            else:
+                raise TypeError(f"optimizer state {name!r}/{key!r}: cannot store {type(value).__name__}")
+    save_file(tensors, out / OPTIMIZER_TENSORS)
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]
+    write_json(out / OPTIMIZER_FILE, {"state": layout, "param_groups": groups})
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for foreign / truncated files
+        raise CheckpointError(f"{path}: not a safetensors file ({err})") from err
+
+
+def load_optimizer_files(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """The state save_optimizer_files wrote, shaped as get_optimizer_state_dict returns it."""
+    meta, tensors = read_json(path / OPTIMIZER_FILE, "optimizer param groups"), _tensors(path / OPTIMIZER_TENSORS)
+    tuples = {k for k, v in optimizer.param_groups[0].items() if isinstance(v, tuple)}  # betas
+    try:
+        state = {name: {key: tensors[f"{name}/{key}"] if value is None else value for key, value in entries.items()}
+                 for name, entries in meta["state"].items()}
+        groups = [{k: tuple(v) if k in tuples else v for k, v in g.items()} for g in meta["param_groups"]]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: does not match {OPTIMIZER_TENSORS} "
+                              f"({type(err).__name__}: {err})") from err
+    return {"state": state, "param_groups": groups}
+
+
 # ------------------------------------------------------------------------------- save / restore
 
 
-def save_training_state(tmp: Path, model, optimizer, scheduler, state: dict, accelerator) -> None:
-    """Everything but the weights: optimizer, scheduler, RNG of every process, trainer state."""
+def save_training_state(tmp: Path, model, optimizer, scheduler, state: dict, accelerator, recipe_text: str) -> None:
+    """Everything but the weights: optimizer, scheduler, RNG of every process, recipe, trainer state."""
     optim = optimizer_state(model, optimizer)
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
+    write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        save_optimizer_files(optim, tmp)
+        write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+        (tmp / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
+        write_json(tmp / STATE_FILE, state)
 
 
 def read_trainer_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """trainer_state.json of a checkpoint (refusing the earlier pickle format)."""
+    path = Path(path)
+    pickled = [name for name in PICKLED if (path / name).exists()]
+    if pickled and not (path / OPTIMIZER_FILE).exists():
+        raise CheckpointError(
+            f"{path}: written in the earlier pickle format ({', '.join(pickled)}), which align no longer loads "
+            f"(unpickling can run code); start the run again (output.overwrite=true) or resume a newer checkpoint"
+        )
+    state = read_json(path / STATE_FILE, "the trainer state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"{path / STATE_FILE}: expected an object with a non-negative integer 'step'")
+    return state
+
+
+def load_scheduler_file(path: Path, scheduler) -> None:
+    state, known = read_json(path, "the LR scheduler state"), scheduler.state_dict()
+    if not isinstance(state, dict) or set(state) != set(known):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: expected the keys {sorted(known)}, got {keys}")
+    wrong = [k for k, v in known.items() if v is not None and type(state[k]) is not type(v)]
+    if wrong:
+        expected = [type(known[k]).__name__ for k in wrong]
+        raise CheckpointError(f"{path}: wrong value types for {wrong} (expected {expected})")
+    scheduler.load_state_dict(state)
 
 
 def restore_training_state(path: Path, model, optimizer, scheduler, accelerator) -> dict:
     """Load optimizer / scheduler / RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(path)
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    load_optimizer_state(model, optimizer, optim)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rank_file = path / "rng" / f"rank-{accelerator.process_index}.pt"
+    optim = load_optimizer_files(path, optimizer)
+    try:
+        load_optimizer_state(model, optimizer, optim)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: does not fit this model's trainable parameters "
+                              f"({type(err).__name__}: {err})") from err
+    load_scheduler_file(path / SCHEDULER_FILE, scheduler)
+    rank_file = path / "rng" / f"rank-{accelerator.process_index}.json"
     if not rank_file.is_file():  # a different world size: fall back to rank 0's streams
-        rank_file = path / "rng" / "rank-0.pt"
-    set_rng_state(torch.load(rank_file, weights_only=False))
+        rank_file = path / "rng" / "rank-0.json"
+    load_rng_file(rank_file)
     return state
 
 

@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from accelerate import Accelerator
 
 from align.recipe import RLRecipe, to_dict
 from align.train import checkpointing as ckpt
-from align.train import sft
+from align.train import guards, rundir, sft
 from align.train.advantages import group_advantages, reward_std
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
@@ -90,8 +91,8 @@ def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) 
         train_path, eval_path = sft.synthetic_files(recipe, accelerator)
         train, evals, source = load_rows(train_path), load_rows(eval_path), str(train_path)
     else:
-        train, source = load_rows(d.train, d.train_split), str(d.train)
-        evals = load_rows(d.eval, d.eval_split) if d.eval is not None else None
+        train, source = load_rows(d.train, d.train_split, d.on_error), str(d.train)
+        evals = load_rows(d.eval, d.eval_split, d.on_error) if d.eval is not None else None
     return PromptData(tokenize_prompts(train, tokenizer, recipe, source, say), list(evals) if evals else [])
 
 
@@ -158,13 +159,15 @@ def reward_inputs(ro: Rollout, prompt_column: str) -> tuple[list, list, dict[str
     return prompts, completions, columns
 
 
-def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted total reward per completion, and reward metrics (mean / std per function and total)."""
+def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict]:
+    """Weighted total reward per completion, and reward metrics (mean / std per function and total;
+    `rewards/<name>/errors`: 1 when the function raised on this round). `_reward_failure` says why the
+    round has no reward value at all (None when it has one)."""
     from rewards import score
 
     prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
     totals, per_function, errors = score(rewards, prompts, completions, columns)
-    metrics: dict[str, float] = {}
+    metrics: dict = {}
     for name, values in per_function.items():
         seen = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
         metrics[f"rewards/{name}/mean"] = seen.mean().item() if seen.numel() else math.nan
@@ -172,6 +175,7 @@ def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor,
         metrics[f"rewards/{name}/errors"] = float(errors[name])
     reward = torch.tensor(totals, dtype=torch.float32)
     metrics["reward/mean"], metrics["reward/std"] = reward.mean().item(), reward.std().item()
+    metrics["_reward_failure"] = guards.reward_failure(per_function, errors)
     return reward, metrics
 
 
@@ -236,7 +240,8 @@ def add_old_and_ref(setup: sft.Setup, ref_model, head, batch: RolloutBatch, reci
 
 def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, recipe: RLRecipe, head,
                    accelerator) -> dict[str, float]:
-    """One optimizer step over every completion of the round (gradient accumulation over micro-batches)."""
+    """One optimizer step over every completion of the round (gradient accumulation over micro-batches);
+    not applied (`_skipped` 1) when the loss or gradient norm is NaN / inf."""
     size = recipe.grpo.micro_batch_size
     starts = list(range(0, len(batch), size))
     n_items = batch.loss_mask.sum()
@@ -255,10 +260,12 @@ def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, r
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
     params = [p for p in setup.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm or float("inf"))
-    setup.optimizer.step()
+    skipped = guards.any_nonfinite(torch.tensor([total, norm.item()]), accelerator)
+    if not skipped:
+        setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": norm.item(), **merge_metrics(parts)}
+    return {"loss": total, "grad_norm": norm.item(), "_skipped": float(skipped), **merge_metrics(parts)}
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -281,9 +288,10 @@ def update(setup, ref_model, batch: RolloutBatch, cfg, recipe: RLRecipe, acceler
     head = sft.unwrapped(setup.model, accelerator).get_output_embeddings()
     add_old_and_ref(setup, ref_model, head, batch, recipe, accelerator)
     runs = [optimizer_step(setup, batch, cfg, recipe, head, accelerator) for _ in range(recipe.grpo.num_iterations)]
-    out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r in runs if r.pop("_skipped")]
+    out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
-    return out
+    return {**out, "_skipped": skipped}
 
 
 # ------------------------------------------------------------------------------------ main loop
@@ -317,12 +325,15 @@ def _run_rl(recipe: RLRecipe) -> dict:
     if accelerator.num_processes > 1:
         raise ValueError("align rl runs in one process (multi-process GRPO is not built yet); "
                          "launch it without accelerate launch / torchrun")
-    run_dir, say = sft.prepare_run(recipe, accelerator)
-    tokenizer = sft.load_tokenizer_for(recipe)
-    data = prepare_prompts(recipe, tokenizer, accelerator, say)
-    rewards = build_rewards(recipe.rewards, where=f"{run_dir / 'recipe.yaml'}: rewards")
-    g, t = recipe.grpo, recipe.train
-    setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step, say)
+    opened, say = sft.prepare_run(recipe, accelerator)
+    run_dir, g, t = opened.path, recipe.grpo, recipe.train
+    with rundir.removed_on_failure(opened, accelerator):
+        tokenizer = sft.load_tokenizer_for(recipe)
+        data = prepare_prompts(recipe, tokenizer, accelerator, say)
+        rewards = build_rewards(recipe.rewards, where="rewards")
+        setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step,
+                                say, opened.resume, run_steps=t.steps)
+        sft.write_recipe(opened, recipe, accelerator)
     engine = GenerationEngine(setup.model, max_batch=g.rollout_batch)
     say(f"GRPO: {t.steps} rounds of {g.prompts_per_step} prompts x {g.num_generations} completions "
         f"(<= {g.max_completion_length} tokens), {g.num_iterations} optimizer step(s) each, loss {g.loss_type}, "
@@ -352,6 +363,7 @@ def rl_step(run: Run, step: int, order: sft.DataOrder, cfg: GRPOLossConfig) -> t
     batch = batch_for(ro, advantages, recipe, run.tokenizer, device)
     updates = update(run.setup, run.ref_model, batch, cfg, recipe, run.accelerator)
     done = time.perf_counter()
+    metrics["_skipped"] = updates.pop("_skipped")
     metrics.update({f"train/{k}": v for k, v in updates.items()})
     metrics.update(advantage_metrics(reward, advantages, recipe))
     metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
@@ -394,26 +406,72 @@ def train_loop(run: Run) -> dict:
         run.say(f"exact match before RL: {first['eval/exact_match']:.1%}")
     order = sft.DataOrder(len(run.data.train), t.seed, recipe.grpo.prompts_per_step)
     bar = progress_bar(t.steps, start, recipe.output.progress, desc="rl")
+    watch = Watch.resumed(run)
     window: list[dict] = []
     for step in range(start, t.steps):
         metrics, ro, reward = rl_step(run, step, order, cfg)
-        window.append(metrics)
         done = step + 1
+        watch.check(run, done, metrics)  # warns, or stops the run
+        window.append(metrics)
         bar.update(1)
         if t.sample_every and done % t.sample_every == 0:
             write_samples(run, done, ro, reward)
         if done % t.log_every == 0 or done == t.steps:
-            mean = {k: _nanmean([w[k] for w in window]) for k in window[0]}
-            log(run, done, mean, bar)
+            log(run, done, window_metrics(window), bar)
             window = []
         if t.eval_every and done % t.eval_every == 0 and done != t.steps:
             log(run, done, exact_match(run), None)
         if (t.save_every and done % t.save_every == 0) or done == t.steps:
             sft.save_checkpoint(run.setup, done, run.tokenizer, recipe, run.accelerator,
                                 {"rows_consumed": done * recipe.grpo.prompts_per_step, "total_steps": t.steps,
-                                 "world_size": 1})
+                                 "world_size": 1, **watch.state()})
     bar.close()
-    return finish(run, first)
+    return finish(run, first, watch)
+
+
+@dataclass
+class Watch:
+    """What stops a GRPO run (NaN / inf updates, rounds without reward values) and the reward error totals."""
+
+    nonfinite: guards.NonFiniteGuard
+    rewards: guards.RewardGuard
+    reward_errors: Counter  # rounds in which each reward function raised
+
+    @classmethod
+    def resumed(cls, run: Run) -> Watch:
+        saved, recipe = run.setup.trainer_state, run.recipe
+        nonfinite = guards.NonFiniteGuard(recipe.train.max_nonfinite_steps, recipe.output.run_dir,
+                                          int(saved.get("nonfinite_steps", 0)))
+        return cls(nonfinite, guards.RewardGuard(recipe.grpo.max_failed_reward_steps),
+                   Counter(saved.get("reward_errors", {})))
+
+    def check(self, run: Run, step: int, metrics: dict) -> None:
+        """Pops the round's `_` entries: warnings printed, TrainingStopped past a limit, errors counted."""
+        warning = self.rewards.record(step, metrics.pop("_reward_failure"))
+        if warning:
+            run.say(warning)
+        for values in metrics.pop("_skipped"):
+            run.say(self.nonfinite.skipped(step, values))
+        if self.nonfinite.count:
+            metrics["train/nonfinite_steps"] = self.nonfinite.count
+        self.reward_errors.update({k[len("rewards/"):-len("/errors")]: int(v) for k, v in metrics.items()
+                                   if k.startswith("rewards/") and k.endswith("/errors")})
+
+    def state(self) -> dict:
+        return {"nonfinite_steps": self.nonfinite.count, "reward_errors": dict(self.reward_errors)}
+
+
+def window_metrics(window: list[dict]) -> dict[str, float]:
+    """The log record of several rounds: `rewards/<name>/errors` summed (rounds in which the reward
+    raised), the counter train/nonfinite_steps its latest value, every other key its mean without NaN."""
+    out = {}
+    for key in dict.fromkeys(k for w in window for k in w):
+        values = [w[key] for w in window if key in w]
+        if key.endswith("/errors"):
+            out[key] = float(sum(values))
+        else:
+            out[key] = values[-1] if key == "train/nonfinite_steps" else _nanmean(values)
+    return out
 
 
 def _nanmean(values: list[float]) -> float:
@@ -431,15 +489,19 @@ def log(run: Run, step: int, metrics: dict, bar) -> None:
         bar.set_postfix(bar_postfix(metrics), refresh=False)
 
 
-def finish(run: Run, first: dict) -> dict:
+def finish(run: Run, first: dict, watch: Watch) -> dict:
     recipe = run.recipe
     last = exact_match(run)
-    log(run, recipe.train.steps, last, None)
+    totals = {f"rewards/{r.name}/errors_total": float(watch.reward_errors[r.name]) for r in run.rewards}
+    log(run, recipe.train.steps, {**last, **totals}, None)
+    raised = [f"{name} in {n} of {recipe.train.steps} rounds" for name, n in watch.reward_errors.items() if n]
+    if raised:
+        run.say(f"reward errors (the function raised; the round scored it None): {', '.join(raised)}")
     if last:
         before = f"{first['eval/exact_match']:.1%} before RL, " if first else ""
         run.say(f"eval exact match: {before}{last['eval/exact_match']:.1%} after {recipe.train.steps} steps")
     run.say(f"checkpoint: {ckpt.checkpoint_dir(recipe.output.run_dir, recipe.train.steps)}")
     if recipe.output.merge:
-        out = sft.save_final(run.setup, run.tokenizer, recipe, run.accelerator)
+        out = sft.save_final(run.setup, run.tokenizer, recipe, run.accelerator, recipe.train.steps)
         run.say(f"final model (merged, with tokenizer): {out}")
-    return {**{f"start/{k}": v for k, v in first.items()}, **last}
+    return {**{f"start/{k}": v for k, v in first.items()}, **last, **totals}

@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 
 from align.recipe import SFTRecipe, dump_recipe, to_dict
 from align.train import checkpointing as ckpt
+from align.train import guards, rundir
 from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.metrics import MetricsWriter, bar_postfix, check_trackers, progress_bar
@@ -79,9 +80,9 @@ def load_sft_rows(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[object, 
     if data.synthetic is not None:
         train_path, eval_path = synthetic_files(recipe, accelerator)
         return load_rows(train_path), load_rows(eval_path), str(train_path), str(eval_path)
-    train = load_rows(data.train, data.train_split)
+    train = load_rows(data.train, data.train_split, data.on_error)
     if data.eval is not None:
-        return train, load_rows(data.eval, data.eval_split), str(data.train), str(data.eval)
+        return train, load_rows(data.eval, data.eval_split, data.on_error), str(data.train), str(data.eval)
     if data.eval_fraction > 0:
         split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
         return split["train"], split["test"], str(data.train), f"{data.train} (eval_fraction)"
@@ -257,6 +258,7 @@ class Setup:
     resume: Path | None
     start_step: int = 0
     head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
+    trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
 
 
 def loss_head(model, mode: str, accelerator: Accelerator):
@@ -268,11 +270,29 @@ def loss_head(model, mode: str, accelerator: Accelerator):
     return None
 
 
+def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> None:
+    """The checkpoint's step fits in this run, and it took as many rows per step as this run will."""
+    state = ckpt.read_trainer_state(resume)
+    if state["step"] > run_steps:
+        raise ValueError(
+            f"resume_from {resume}: the checkpoint is at step {state['step']}, beyond this recipe's {run_steps} "
+            f"steps; set train.steps to at least {state['step']} to continue it"
+        )
+    if state["step"] and state.get("rows_consumed") != state["step"] * rows_per_step:
+        raise ValueError(
+            f"resume_from {resume}: it was trained with {state.get('rows_consumed', 0) // state['step']} rows per "
+            f"step, this run has {rows_per_step}; keep micro_batch_size x grad_accum x processes equal"
+        )
+
+
 def setup_model(
-    recipe: SFTRecipe, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say
+    recipe: SFTRecipe, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say,
+    resume: Path | None, run_steps: int | None = None,
 ) -> Setup:
-    """Model (+LoRA), wrapping, optimizer, scheduler; restored from a checkpoint when resuming."""
-    resume = ckpt.resolve_resume(recipe.resume_from, recipe.output.run_dir)
+    """Model (+LoRA), wrapping, optimizer, scheduler; restored from checkpoint `resume` when given.
+    run_steps: the steps of the run as checkpoints count them (default `steps`, the optimizer steps)."""
+    if resume is not None:
+        check_resume_position(resume, run_steps or steps, rows_per_step)
     full_ckpt = resume / "model" if resume is not None and recipe.lora is None else None
     model = load_base_model(recipe, accelerator.device, full_ckpt)
     base_ref = None
@@ -293,12 +313,7 @@ def setup_model(
     setup = Setup(model, optimizer, scheduler, mode, base_ref, resume, head=loss_head(model, mode, accelerator))
     if resume is not None:
         state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator)
-        if state["rows_consumed"] != state["step"] * rows_per_step:
-            raise ValueError(
-                f"resume_from {resume}: it was trained with {state['rows_consumed'] // state['step']} rows per "
-                f"step, this run has {rows_per_step}; keep micro_batch_size x grad_accum x processes equal"
-            )
-        setup.start_step = state["step"]
+        setup.start_step, setup.trainer_state = state["step"], state
         say(f"resumed from {resume} at step {setup.start_step}")
     return setup
 
@@ -323,7 +338,8 @@ def grad_sync(model, enabled: bool, mode: str):
 
 
 def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTRecipe, accelerator) -> dict:
-    """Forward/backward every micro-batch, clip, step. Returns global loss / aux / grad norm."""
+    """Forward/backward every micro-batch, clip, step. Returns global loss / aux / grad norm, and
+    `_skipped`: the loss or gradient norm was NaN / inf on some process, so no process applied the update."""
     model, world = setup.model, accelerator.num_processes
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [ce share, aux]
     lr = setup.optimizer.param_groups[0]["lr"]
@@ -339,13 +355,15 @@ def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTR
     max_norm = recipe.train.max_grad_norm or float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    setup.optimizer.step()
-    setup.scheduler.step()
-    setup.optimizer.zero_grad(set_to_none=True)
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
+    skipped = guards.any_nonfinite(torch.cat([sums, norm.reshape(1).to(sums)]), accelerator)
+    if not skipped:
+        setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
     return {"train/loss": sums[0].item(), "train/aux_loss": sums[1].item() / world,
-            "train/grad_norm": norm.item(), "train/lr": lr}
+            "train/grad_norm": norm.item(), "train/lr": lr, "_skipped": skipped}
 
 
 def step_batches(data: SFTData, order: DataOrder, step: int, recipe: SFTRecipe, accelerator):
@@ -363,6 +381,7 @@ def step_batches(data: SFTData, order: DataOrder, step: int, recipe: SFTRecipe, 
 def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accelerator, extra: dict) -> Path:
     out = ckpt.checkpoint_dir(recipe.output.run_dir, step)
     sharded = setup.mode == "fsdp"
+    guards.require_finite_weights(setup.model, accelerator, step, recipe.output.run_dir)
     with ckpt.atomic_dir(out, accelerator) as tmp:
         model = unwrapped(setup.model, accelerator)
         if recipe.lora is not None:
@@ -375,16 +394,17 @@ def save_checkpoint(setup: Setup, step: int, tokenizer, recipe: SFTRecipe, accel
                 model.save_pretrained(tmp / "model", state_dict=state)
                 tokenizer.save_pretrained(tmp / "model")
         ckpt.save_training_state(tmp, setup.model, setup.optimizer, setup.scheduler,
-                                 {"step": step, **extra}, accelerator)
+                                 {"step": step, **extra}, accelerator, dump_recipe(recipe))
     if accelerator.is_main_process:
         ckpt.prune_checkpoints(recipe.output.run_dir, recipe.train.keep_checkpoints)
     return out
 
 
-def save_final(setup: Setup, tokenizer, recipe: SFTRecipe, accelerator) -> Path:
-    """<run_dir>/final: a full hub-layout checkpoint (LoRA merged in) + tokenizer. Run last: merging
-    folds the adapters into the base weights in place."""
+def save_final(setup: Setup, tokenizer, recipe: SFTRecipe, accelerator, step: int) -> Path:
+    """<run_dir>/final: a full hub-layout checkpoint (LoRA merged in) + tokenizer, of step `step`. Run
+    last: merging folds the adapters into the base weights in place."""
     out = Path(recipe.output.run_dir) / "final"
+    guards.require_finite_weights(setup.model, accelerator, step, recipe.output.run_dir)
     state = ckpt.full_state_dict(setup.model, setup.mode == "fsdp") if recipe.lora is None else None
     with ckpt.atomic_dir(out, accelerator) as tmp:
         if accelerator.is_main_process:
@@ -429,22 +449,29 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def prepare_run(recipe: SFTRecipe, accelerator: Accelerator):
-    """Seeding, run directory, the printed + saved resolved recipe."""
+def prepare_run(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[rundir.RunDir, object]:
+    """Seeding, the run directory checked (rundir), the printed resolved recipe (saved by write_recipe)."""
     set_seed(recipe.train.seed)
-    run_dir = Path(recipe.output.run_dir)
-    text = dump_recipe(recipe)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(text)
-        print(f"resolved recipe (saved to {run_dir / 'recipe.yaml'}):\n{text}", flush=True)
-    accelerator.wait_for_everyone()
+    run, cleared = rundir.open_run_dir(recipe, accelerator)
 
     def say(message: str) -> None:
         if accelerator.is_main_process:
             print(message, flush=True)
 
-    return run_dir, say
+    say(f"resolved recipe (saved to {run.path / rundir.RECIPE} once the run is set up):\n{dump_recipe(recipe)}")
+    if cleared:
+        say(cleared)
+    if run.notes:
+        say(f"resuming {run.resume} with changed settings: {'; '.join(run.notes)}")
+    return run, say
+
+
+def write_recipe(run: rundir.RunDir, recipe: SFTRecipe, accelerator: Accelerator) -> None:
+    """<run_dir>/recipe.yaml, once every check of the run has passed."""
+    if accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / rundir.RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+    accelerator.wait_for_everyone()
 
 
 def run_sft(recipe: SFTRecipe) -> dict:
@@ -455,13 +482,15 @@ def run_sft(recipe: SFTRecipe) -> dict:
 
 def _run_sft(recipe: SFTRecipe) -> dict:
     accelerator = make_accelerator(recipe)
-    run_dir, say = prepare_run(recipe, accelerator)
-    tokenizer = load_tokenizer_for(recipe)
-    data = prepare_data(recipe, tokenizer, accelerator, say)
-    t = recipe.train
-    rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
-    steps = total_steps(recipe, len(data.train), rows_per_step)
-    setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say)
+    run, say = prepare_run(recipe, accelerator)
+    run_dir, t = run.path, recipe.train
+    with rundir.removed_on_failure(run, accelerator):
+        tokenizer = load_tokenizer_for(recipe)
+        data = prepare_data(recipe, tokenizer, accelerator, say)
+        rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
+        steps = total_steps(recipe, len(data.train), rows_per_step)
+        setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, run.resume)
+        write_recipe(run, recipe, accelerator)
     say(f"{accelerator.num_processes} process(es), {setup.mode}, device {accelerator.device}, "
         f"{steps} steps of {rows_per_step} rows ({steps * rows_per_step / len(data.train):.2f} epochs)")
     if setup.resume is None:  # per-process streams (dropout); a resumed run restored its own
@@ -483,6 +512,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _say(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def _log(step: int, metrics: dict, writer: MetricsWriter, accelerator, bar) -> None:
     shown = {k: v for k, v in metrics.items() if not k.startswith("_")}
     writer.write(step, shown)
@@ -496,19 +530,25 @@ def train_loop(setup, data, tokenizer, recipe, accelerator, steps, rows_per_step
     t = recipe.train
     order = DataOrder(len(data.train), t.seed, rows_per_step)
     bar = progress_bar(steps, setup.start_step, recipe.output.progress and accelerator.is_main_process)
-    window: list[dict] = []
+    guard = guards.NonFiniteGuard(t.max_nonfinite_steps, recipe.output.run_dir,
+                                  int(setup.trainer_state.get("nonfinite_steps", 0)))
+    window: list[dict] = []  # the applied steps since the last log record
     clock, tokens = time.perf_counter(), 0
     for step in range(setup.start_step, steps):
         batches, n_items, n_tokens = step_batches(data, order, step, recipe, accelerator)
-        window.append(train_step(setup, batches, max(n_items, 1), recipe, accelerator))
+        result, done = train_step(setup, batches, max(n_items, 1), recipe, accelerator), step + 1
+        if result.pop("_skipped"):
+            _say(accelerator, guard.skipped(done, result))  # raises past train.max_nonfinite_steps
+        else:
+            window.append(result)
         tokens += n_tokens
         bar.update(1)
-        done = step + 1
-        if done % t.log_every == 0 or done == steps:
+        if (done % t.log_every == 0 or done == steps) and window:
             elapsed = time.perf_counter() - clock
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             metrics.update({"train/lr": window[-1]["train/lr"], "train/tokens_per_s": tokens / elapsed,
                             "train/epoch": done * rows_per_step / len(data.train)})
+            metrics.update({"train/nonfinite_steps": guard.count} if guard.count else {})
             _log(done, metrics, writer, accelerator, bar)
             window, clock, tokens = [], time.perf_counter(), 0
         if t.eval_every and done % t.eval_every == 0 and done != steps:
@@ -516,7 +556,7 @@ def train_loop(setup, data, tokenizer, recipe, accelerator, steps, rows_per_step
         if (t.save_every and done % t.save_every == 0) or done == steps:
             save_checkpoint(setup, done, tokenizer, recipe, accelerator,
                             {"rows_consumed": done * rows_per_step, "total_steps": steps,
-                             "world_size": accelerator.num_processes})
+                             "world_size": accelerator.num_processes, "nonfinite_steps": guard.count})
     bar.close()
     return finish(setup, data, tokenizer, recipe, accelerator, steps, writer)
 
@@ -538,5 +578,5 @@ def finish(setup, data, tokenizer, recipe, accelerator, steps, writer) -> dict:
     last = ckpt.checkpoint_dir(recipe.output.run_dir, steps)
     say(f"checkpoint: {last}")
     if recipe.output.merge:
-        say(f"final model (merged, with tokenizer): {save_final(setup, tokenizer, recipe, accelerator)}")
+        say(f"final model (merged, with tokenizer): {save_final(setup, tokenizer, recipe, accelerator, steps)}")
     return metrics

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import datasets
 import pytest
@@ -74,6 +75,46 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     array.write_text("[\n" + json.dumps(ROWS[0]) + ",\n" + '{messages: 1}\n]\n')
     with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3"):
         load_rows(array)
+
+
+def test_on_error_skip_skips_lines_that_are_not_json_objects(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{not json\n[1, 2]\n\n" + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(ValueError, match=r"rows\.jsonl: invalid JSON at line 2.*data.on_error=skip skips"):
+        load_rows(path)
+    with caplog.at_level(logging.WARNING, logger="data_tools.datasets"):
+        rows = load_rows(path, on_error="skip")
+    assert [row["messages"] for row in rows] == [ROWS[0]["messages"], ROWS[1]["messages"]]
+    assert "rows.jsonl: skipped 2 line(s) that are not JSON objects" in caplog.text
+    assert "line 2: Expecting property name" in caplog.text and "line 3: a JSON list, not an object" in caplog.text
+    (tmp_path / "none.jsonl").write_text("oops\n")
+    with pytest.raises(ValueError, match=r"none\.jsonl: no line is a JSON object \(first problem: line 1"):
+        load_rows(tmp_path / "none.jsonl", on_error="skip")
+    assert len(load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS), on_error="skip")) == 2
+
+
+USER, REPLY = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+
+
+@pytest.mark.parametrize(("bad", "good", "message"), [
+    ({"messages": [USER, {"role": "assistant", "content": " "}]}, ROWS[0],
+     "row 1: message 1 is an empty assistant reply"),
+    ({"messages": [USER, REPLY, {"role": "user", "content": "and?"}]}, ROWS[0],
+     "row 1: the conversation ends with a 'user' message, not an assistant reply"),
+    ({"prompt": "Q: 1 + 1 =", "completion": ""}, {"prompt": "Q: 1 + 1 =", "completion": " 2"},
+     "row 1: the completion is an empty assistant reply"),
+    ({"prompt": [USER], "completion": [{"role": "assistant", "content": ""}]},
+     {"prompt": [USER], "completion": [REPLY]}, "row 1: the completion is an empty assistant reply"),
+    ({"instruction": "Say hi", "output": ""}, {"instruction": "Say hi", "output": "hi"},
+     "row 1: message 1 is an empty assistant reply"),
+])
+def test_rows_without_a_reply_to_train_are_errors_or_skipped(tok, bad, good, message):
+    for train_on in ("assistant", "all"):
+        with pytest.raises(ValueError, match=f"d.jsonl: {message}"):
+            tokenize_dataset([bad, good], tok, max_length=64, train_on=train_on, source="d.jsonl")
+    examples, stats = tokenize_dataset([bad, good], tok, max_length=64, source="d.jsonl", on_error="skip")
+    assert len(examples) == 1 and stats.skipped_malformed == 1
+    assert f"skipped malformed 1 (the first: d.jsonl: {message}" in stats.summary()
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,78 @@ def test_wrong_types_name_key_expected_and_got(tmp_path, override, expected):
         load_recipe(SFTRecipe, write(tmp_path, MINIMAL), [override])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=-1e-3", r"'optim.lr' must be > 0, got -0.001"),
+    ("optim.lr=0", r"'optim.lr' must be > 0, got 0.0"),
+    ("optim.weight_decay=-0.1", r"'optim.weight_decay' must be >= 0, got -0.1"),
+    ("optim.betas=[0.9, 1.0]", r"'optim.betas\[1\]' must be in \[0, 1\), got 1.0"),
+    ("optim.eps=0", r"'optim.eps' must be > 0"),
+    ("train.max_grad_norm=-1", r"'train.max_grad_norm' must be > 0, got -1.0"),
+    ("schedule.warmup_steps=-5", r"'schedule.warmup_steps' must be >= 0, got -5"),
+    ("schedule.min_lr_ratio=1.5", r"'schedule.min_lr_ratio' must be in \[0, 1\]"),
+    ("schedule.step_at=[0.5, 2]", r"'schedule.step_at\[1\]' must be in \[0, 1\]"),
+    ("train.seed=-1", r"'train.seed' must be in \[0, 4294967295\], got -1"),
+    ("train.steps=0", r"'train.steps' must be >= 1, got 0"),
+    ("train.save_every=-1", r"'train.save_every' must be >= 0"),
+    ("train.max_nonfinite_steps=-1", r"'train.max_nonfinite_steps' must be >= 0"),
+    ("train.aux_loss_alpha=-0.01", r"'train.aux_loss_alpha' must be >= 0"),
+    ("lora.dropout=1", r"'lora.dropout' must be in \[0, 1\)"),
+    ("data.max_length=1", r"'data.max_length' must be >= 2, got 1"),
+    ("eval.batch_size=0", r"'eval.batch_size' must be >= 1"),
+])
+def test_numeric_keys_out_of_range_name_key_and_range(tmp_path, override, expected):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError, match=rf"{path}: {expected}"):
+        load_recipe(SFTRecipe, path, [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("grpo.num_generations=1", r"'grpo.num_generations' must be >= 2, got 1"),
+    ("grpo.temperature=0", r"'grpo.temperature' must be > 0"),
+    ("grpo.top_p=0", r"'grpo.top_p' must be in \(0, 1\]"),
+    ("grpo.beta=-0.1", r"'grpo.beta' must be >= 0"),
+    ("grpo.delta=0.5", r"'grpo.delta' must be > 1"),
+    ("grpo.max_failed_reward_steps=0", r"'grpo.max_failed_reward_steps' must be >= 1"),
+    ("train.max_grad_norm=-1", r"'train.max_grad_norm' must be > 0"),
+    ("optim.lr=-1", r"'optim.lr' must be > 0"),
+])
+def test_rl_numeric_keys_out_of_range(override, expected):
+    base = ["model.preset=tiny", "data.synthetic.train=8", "rewards=[exact_match]"]
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(RLRecipe, None, [*base, override])
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf"])
+def test_non_finite_floats_are_rejected(tmp_path, value):
+    with pytest.raises(RecipeError, match=r"key 'optim.lr' must be a finite number"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), [f"optim.lr={value}"])
+    with pytest.raises(RecipeError, match=r"key 'optim.lr' must be a finite number"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL + f"optim: {{lr: {value}}}\n"))
+
+
+def _numeric_fields(cls: type, prefix: str = ""):
+    """(dotted key, field) for every int / float (optional or list) field of a recipe tree."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        inner = args[0]
+        if dataclasses.is_dataclass(inner):
+            yield from _numeric_fields(inner, f"{prefix}{f.name}.")
+        elif inner in (int, float) or typing.get_args(inner) in ((int,), (float,)):
+            yield f"{prefix}{f.name}", f
+
+
+@pytest.mark.parametrize("schema", [SFTRecipe, RLRecipe])
+def test_every_numeric_key_declares_its_valid_range(schema):
+    fields = list(_numeric_fields(schema))
+    assert len(fields) > 30
+    missing = [key for key, f in fields if "range" not in f.metadata]
+    assert not missing, f"numeric recipe keys without a Range (use ranged()): {missing}"
+
+
 def test_wrong_type_in_yaml(tmp_path):
     path = write(tmp_path, MINIMAL + "optim: {lr: fast}\n")
     with pytest.raises(RecipeError, match=rf"{path}: key 'optim.lr' expects float, got 'fast'"):

@@ -118,6 +118,12 @@ def test_bad_data_row_fails_naming_the_row_and_leaves_no_checkpoint(tmp_path):
                      "train.steps=null", "train.epochs=1", "train.micro_batch_size=2")
     run_sft(skipped)
     assert [p.name for p in list_checkpoints(tmp_path / "skip")] == ["step-000001"]  # 2 good rows = 1 step
+    rows.write_text(rows.read_text() + "{truncated\n")  # and a line that is not JSON
+    with pytest.raises(ValueError, match=r"rows.jsonl: invalid JSON at line 4"):
+        run_sft(recipe(tmp_path / "line", "data.synthetic=null", f"data.train={rows}"))
+    run_sft(recipe(tmp_path / "line", "data.synthetic=null", f"data.train={rows}", "data.on_error=skip",
+                   "train.steps=null", "train.epochs=1", "train.micro_batch_size=2"))
+    assert [p.name for p in list_checkpoints(tmp_path / "line")] == ["step-000001"]
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):

@@ -64,7 +64,7 @@ def test_two_processes_match_one(tmp_path, mode, overrides):
     assert curve(tmp_path / "two", "eval/loss") == pytest.approx(curve(tmp_path / "one", "eval/loss"), rel=RTOL)
     state = (tmp_path / "two" / "checkpoints" / "step-000004")
     assert (state / ("adapter" if mode == "ddp" else "model")).is_dir()
-    assert (state / "rng" / "rank-1.pt").is_file()
+    assert (state / "rng" / "rank-1.json").is_file()
 
 
 def test_fsdp_resume_in_two_processes(tmp_path):
