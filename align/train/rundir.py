@@ -68,6 +68,15 @@ def _section(tree: dict, key: str) -> Any:
     return tree
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal values; paths written relative and absolute (the saved recipe resolves them) are equal too."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
 def recipe_changes(old: Any, new: Any) -> tuple[list[str], list[str]]:
     """(changes that forbid resuming, other changes), each 'key: old -> new'."""
     old_tree, new_tree = to_dict(old), to_dict(new)
@@ -75,7 +84,7 @@ def recipe_changes(old: Any, new: Any) -> tuple[list[str], list[str]]:
     toggled = _toggled(before, after)
     lines = {key: f"{key}: {_section(old_tree, key)!r} -> {_section(new_tree, key)!r}" for key in toggled}
     for key in sorted(set(before) | set(after)):
-        if _under(key, IGNORED) or _under(key, tuple(toggled)) or before.get(key) == after.get(key):
+        if _under(key, IGNORED) or _under(key, tuple(toggled)) or _same(before.get(key), after.get(key)):
             continue
         lines[key] = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
     blocking, other = [], []

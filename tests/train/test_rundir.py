@@ -117,3 +117,14 @@ def test_rerun_command_after_an_interrupt(earlier, tmp_path):
     command = ["align", "sft", "r.yaml", f"output.run_dir={earlier}", "resume_from=x"]
     assert rerun_command(command, earlier).endswith(f"align sft r.yaml output.run_dir={earlier} resume_from=latest")
     assert rerun_command(["align", "sft", "r.yaml"], tmp_path / "none").endswith("\n  align sft r.yaml")
+
+
+def test_a_relative_path_equals_its_resolved_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = [o for o in BASE if not o.startswith("model.")]
+    base += ["model.preset=null", "train.steps=4", f"output.run_dir={tmp_path / 'run'}"]
+    old = load_recipe(SFTRecipe, None, [*base, f"model.path={tmp_path / 'base'}"])
+    new = load_recipe(SFTRecipe, None, [*base, "model.path=base"])
+    assert recipe_changes(old, new) == ([], [])
+    other = load_recipe(SFTRecipe, None, [*base, "model.path=other"])
+    assert recipe_changes(old, other)[0]
