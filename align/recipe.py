@@ -382,6 +382,7 @@ class SyntheticSection:
     max_operand: int = ranged(99, AT_LEAST_1)
     ops: str = "+-"
     teacher_error: float = ranged(0.0, FRACTION)  # share of borrowing subtractions whose reply forgets the borrow
+    replies_per_problem: int = ranged(1, AT_LEAST_1)  # training rows per problem, each its own teacher draw
 
 
 @dataclass

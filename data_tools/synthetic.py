@@ -4,8 +4,10 @@ Each row: {"messages": [user, assistant], "prompt": [user], "answer": "68"} - `m
 `prompt` + `answer` for RL. Problems are distinct within a call; subtraction never goes negative.
 
 `teacher_error` makes the training replies come from a flawed teacher: that share of the
-subtractions that need a borrow (units digit of a < units digit of b) get the answer of someone
-who forgot to borrow (a - b + 10, e.g. 52 - 17 -> "45"). The `answer` column is always right and
+replies to subtractions that need a borrow (units digit of a < units digit of b) is the answer of
+someone who forgot to borrow (a - b + 10, e.g. 52 - 17 -> "45"). With `replies_per_problem` > 1
+each training problem is asked several times and the teacher errs independently each time, so the
+bug is a per-problem probability, not a per-problem label a model could memorise. The `answer` column is always right and
 test rows are always right, so a model that imitates the teacher learns the bug, and RL with a
 verifiable reward on `answer` can unlearn it: the embedded SFT -> RL default is built on that.
 
@@ -88,15 +90,20 @@ def arithmetic_rows(n: int, seed: int, *, max_operand: int = 99, ops: str = "+-"
 
 
 def arithmetic_splits(
-    n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-", teacher_error: float = 0.0
+    n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-", teacher_error: float = 0.0,
+    replies_per_problem: int = 1,
 ) -> tuple[list[dict], list[dict]]:
-    """(train, test) with no problem in both; test is the same whatever n_train. With teacher_error, that
-    share of the training subtractions needing a borrow get the forgot-to-borrow reply (seeded)."""
+    """(train, test) with no problem in both; test is the same whatever n_train. n_train counts training
+    problems; each gets replies_per_problem rows (adjacent), each with its own teacher draw: with
+    teacher_error, that share of the replies to subtractions needing a borrow forget the borrow (seeded)."""
     if not 0.0 <= teacher_error <= 1.0:
         raise ValueError(f"teacher_error must be in [0, 1], got {teacher_error}")
+    if replies_per_problem < 1:
+        raise ValueError(f"replies_per_problem must be at least 1, got {replies_per_problem}")
     problems = _problems(n_test + n_train, seed, max_operand, ops)
     rng = random.Random(f"teacher:{seed}")
-    train = [make_row(*p, forget_borrow=rng.random() < teacher_error) for p in problems[n_test:]]
+    train = [make_row(*p, forget_borrow=rng.random() < teacher_error)
+             for p in problems[n_test:] for _ in range(replies_per_problem)]
     return train, [make_row(*p) for p in problems[:n_test]]
 
 
@@ -139,6 +146,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops", default="+-", help=f"operators, from {OPS!r} (default '+-')")
     parser.add_argument("--teacher-error", type=float, default=0.0,
                         help="share of borrowing subtractions whose training reply forgets the borrow (default 0)")
+    parser.add_argument("--replies-per-problem", type=int, default=1,
+                        help="training rows per problem, each with its own teacher draw (default 1)")
     return parser.parse_args(argv)
 
 
@@ -146,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     try:
         train, test = arithmetic_splits(args.train, args.test, args.seed, max_operand=args.max_operand,
-                                        ops=args.ops, teacher_error=args.teacher_error)
+                                        ops=args.ops, teacher_error=args.teacher_error,
+                                        replies_per_problem=args.replies_per_problem)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     out = Path(args.out)

@@ -65,8 +65,8 @@ def synthetic_files(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[Path, 
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             train, test = arithmetic_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand,
-                                            ops=spec.ops,
-                                            teacher_error=spec.teacher_error)
+                                            ops=spec.ops, teacher_error=spec.teacher_error,
+                                            replies_per_problem=spec.replies_per_problem)
             write_jsonl(train, out / "train.jsonl")
             write_jsonl(test, out / "test.jsonl")
     return out / "train.jsonl", out / "test.jsonl"

@@ -247,3 +247,16 @@ def test_bad_arguments(tok):
                             ({"train_on": "user"}, "train_on"), ({"max_length": 0}, "max_length")]:
         with pytest.raises(ValueError, match=message):
             tokenize_dataset(ROWS, tok, **{"max_length": 8, **kwargs})
+
+
+def test_repeated_rows_tokenize_like_single_ones_and_errors_keep_their_row_number(tok, tmp_path):
+    bad = {"messages": [{"role": "robot", "content": "x"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [*ROWS, ROWS[0], bad, ROWS[1], bad])
+    examples, stats = tokenize_dataset(load_rows(path), tok, max_length=64, source=str(path), on_error="skip")
+    singles = [tokenize_dataset([row], tok, max_length=64)[0][0] for row in ROWS]
+    assert examples == [singles[0], singles[1], singles[0], singles[1]]
+    assert examples[0] is not examples[2]  # each row its own example, not a shared one
+    assert stats.skipped_malformed == 2 and stats.kept == 4 and stats.tokens == sum(map(len, (
+        e["input_ids"] for e in examples)))
+    with pytest.raises(ValueError, match=r"chat\.jsonl: row 4: "):
+        tokenize_dataset(load_rows(path), tok, max_length=64, source=str(path))

@@ -116,3 +116,25 @@ def test_teacher_error_forgets_borrows_in_training_replies_only():
     assert 0.6 < wrong / borrow < 0.8
     with pytest.raises(ValueError, match="teacher_error"):
         arithmetic_splits(10, 10, seed=0, teacher_error=1.5)
+
+
+def test_replies_per_problem_repeats_each_problem_with_its_own_teacher_draw():
+    from data_tools.synthetic import needs_borrow
+
+    once, test_once = arithmetic_splits(2000, 100, seed=0, teacher_error=0.8)
+    train, test = arithmetic_splits(2000, 100, seed=0, teacher_error=0.8, replies_per_problem=5)
+    assert test == test_once and len(train) == 5 * len(once)
+    mixed = 0
+    for i, base in enumerate(once):
+        group = train[5 * i : 5 * i + 5]
+        assert {row["prompt"][0]["content"] for row in group} == {base["prompt"][0]["content"]}
+        assert {row["answer"] for row in group} == {base["answer"]}
+        a, op, b = base["prompt"][0]["content"][len("What is "):-1].split()
+        replies = {row["messages"][1]["content"] for row in group}
+        if needs_borrow(int(a), op, int(b)):
+            mixed += len(replies) == 2  # both the bug and the right answer for the same problem
+        else:
+            assert replies == {base["answer"]}
+    assert mixed > 50
+    with pytest.raises(ValueError, match="replies_per_problem"):
+        arithmetic_splits(10, 10, seed=0, replies_per_problem=0)
