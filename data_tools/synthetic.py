@@ -9,7 +9,8 @@ someone who forgot to borrow (a - b + 10, e.g. 52 - 17 -> "45"). With `replies_p
 each training problem is asked several times and the teacher errs independently each time, so the
 bug is a per-problem probability, not a per-problem label a model could memorise. The `answer`
 column is always right and test rows are always right, so a model that imitates the teacher
-learns the bug, and RL with a verifiable reward on `answer` can unlearn it: the embedded SFT -> RL default is built on that.
+learns the bug, and RL with a verifiable reward on `answer` can unlearn it: the embedded
+SFT -> RL default is built on that.
 
     python -m data_tools.synthetic --out data/arith --train 10000 --test 500 --seed 0
 """
