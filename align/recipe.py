@@ -457,6 +457,7 @@ class LoopSection:
     # optimizer steps whose loss or gradient norm is NaN / inf that are skipped (not applied) before
     # the run stops with an error; 0 = stop at the first
     max_nonfinite_steps: int = ranged(0, NON_NEGATIVE)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
 
 
 @dataclass
@@ -465,7 +466,6 @@ class TrainSection(LoopSection):
     epochs: float | None = ranged(None, POSITIVE)  # passes over the training rows
     micro_batch_size: int = ranged(8, AT_LEAST_1)  # rows per process per forward
     grad_accum: int = ranged(1, AT_LEAST_1)
-    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP2 for full FT
 
     def validate(self, where: str) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -491,17 +491,26 @@ class OutputSection:
 
 
 @dataclass
-class SFTRecipe:
+class RecipeBase:
+    """The sections every training recipe has (SFT, RL): what the run floor (align.train.run) reads.
+    A recipe narrows `data`, `schedule`, `train`, `eval` and `output` to its own subclasses."""
+
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataSourceSection = field(default_factory=DataSourceSection)
     lora: LoRASection | None = None  # null = full fine-tuning
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: LoopSection = field(default_factory=LoopSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
     resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
+
+
+@dataclass
+class SFTRecipe(RecipeBase):
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
 
 # ------------------------------------------------------------------------------------- RL schema
@@ -548,7 +557,6 @@ class RLTrainSection(LoopSection):
     steps: int = ranged(100, AT_LEAST_1)  # generation rounds (each gives grpo.num_iterations optimizer steps)
     sample_every: int = ranged(10, NON_NEGATIVE)  # sample completions + rewards to completions.jsonl (0 = never)
     samples_per_log: int = ranged(4, AT_LEAST_1)  # prompts (with all their completions) per completions.jsonl entry
-    distributed: Literal["auto"] = "auto"  # one process (multi-process GRPO is not built yet)
 
 
 @dataclass
@@ -569,19 +577,17 @@ class RLOutputSection(OutputSection):
 
 
 @dataclass
-class RLRecipe:
-    model: ModelSection = field(default_factory=ModelSection)  # usually `path`: the SFT output
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+class RLRecipe(RecipeBase):
+    """`model` is usually a `path`: the SFT output. `lora: null` = full fine-tuning (the reference is then
+    a frozen copy when grpo.beta > 0)."""
+
     data: PromptDataSection = field(default_factory=PromptDataSection)
-    rewards: list[Any] = field(default_factory=list)  # reward specs (rewards.registry): name / weight / params
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    lora: LoRASection | None = None  # null = full fine-tuning (reference = a frozen copy when beta > 0)
-    optim: OptimSection = field(default_factory=OptimSection)
     schedule: RLScheduleSection = field(default_factory=RLScheduleSection)
     train: RLTrainSection = field(default_factory=RLTrainSection)
     eval: RLEvalSection = field(default_factory=RLEvalSection)
     output: RLOutputSection = field(default_factory=RLOutputSection)
-    resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
+    rewards: list[Any] = field(default_factory=list)  # reward specs (rewards.registry): name / weight / params
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def validate(self, where: str) -> None:
         from rewards import RewardConfigError, build_rewards

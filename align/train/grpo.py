@@ -12,14 +12,14 @@ One round (a "step" in logs and checkpoints):
 6. `num_iterations` optimizer steps, each over all completions in micro-batches, on the clipped
    surrogate + k3 KL loss (align.train.grpo_loss, TRL's definitions).
 
-Model loading, LoRA, optimizer / scheduler, checkpoints and resume are the SFT loop's
-(align.train.sft); the rollout seed is derived from (seed, step), so a resumed run continues
-exactly as an uninterrupted one.
+Model setup (LoRA or full, the reference), optimizer / scheduler, checkpoints and resume are the run
+floor's (align.train.run, align.train.setup), as for SFT; the rollout seed is derived from (seed, step),
+so a resumed run continues exactly as an uninterrupted one. `update` is the GRPO update on one round's
+batch; benchmarks drive it with their own batches.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -31,14 +31,30 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from align.recipe import RLRecipe, to_dict
+from align.recipe import GRPOSection, RLRecipe
 from align.train import checkpointing as ckpt
-from align.train import guards, rundir, sft
+from align.train import guards, rundir
 from align.train.advantages import group_advantages, reward_std
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
-from align.train.metrics import MetricsWriter, bar_postfix, progress_bar
+from align.train.metrics import progress_bar
+from align.train.order import DataOrder
 from align.train.rollout_batch import RolloutBatch, completion_logprobs, completion_logprobs_entropy, make_batch
+from align.train.run import (
+    Cadence,
+    Log,
+    Say,
+    deterministic_algorithms,
+    feedback,
+    load_tokenizer_for,
+    make_accelerator,
+    prepare_run,
+    save_checkpoint,
+    save_final,
+    synthetic_files,
+    write_recipe,
+)
+from align.train.setup import Setup, setup_model
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -88,7 +104,7 @@ def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) 
 
     d = recipe.data
     if d.synthetic is not None:
-        train_path, eval_path = sft.synthetic_files(recipe, accelerator)
+        train_path, eval_path = synthetic_files(recipe, accelerator)
         train, evals, source = load_rows(train_path), load_rows(eval_path), str(train_path)
     else:
         train, source = load_rows(d.train, d.train_split, d.on_error), str(d.train)
@@ -99,18 +115,7 @@ def prepare_prompts(recipe: RLRecipe, tokenizer, accelerator: Accelerator, say) 
 # ----------------------------------------------------------------------------------------- model
 
 
-def reference_model(recipe: RLRecipe, setup: sft.Setup, device: torch.device):
-    """None when no reference pass is needed (beta = 0) or LoRA (adapters disabled = the base);
-    else a frozen copy of the starting weights for full fine-tuning."""
-    if recipe.grpo.beta == 0 or recipe.lora is not None:
-        return None
-    start = sft.load_base_model(recipe, device) if setup.resume is not None else copy.deepcopy(setup.model)
-    start.eval().requires_grad_(False)
-    return start
-
-
-def loss_config(recipe: RLRecipe) -> GRPOLossConfig:
-    g = recipe.grpo
+def loss_config(g: GRPOSection) -> GRPOLossConfig:
     return GRPOLossConfig(
         beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta, loss_type=g.loss_type,
         importance_sampling_level=g.importance_sampling_level, max_completion_length=g.max_completion_length,
@@ -211,45 +216,40 @@ def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer
 
 
 @torch.no_grad()
-def frozen_logprobs(model, head, batch: RolloutBatch, recipe: RLRecipe, accelerator) -> torch.Tensor:
+def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerator) -> torch.Tensor:
     """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
     was_training = model.training
     model.eval()
-    step = recipe.grpo.micro_batch_size
     parts = []
-    for start in range(0, len(batch), step):
-        part = batch.rows(start, start + step)
+    for start in range(0, len(batch), g.micro_batch_size):
+        part = batch.rows(start, start + g.micro_batch_size)
         with accelerator.autocast():
-            lp = completion_logprobs(model, head, part, recipe.grpo.temperature)
+            lp = completion_logprobs(model, head, part, g.temperature)
         parts.append(torch.nn.functional.pad(lp, (0, batch.completion_ids.shape[1] - lp.shape[1])))
     model.train(was_training)
     return torch.cat(parts)
 
 
-def add_old_and_ref(setup: sft.Setup, ref_model, head, batch: RolloutBatch, recipe: RLRecipe, accelerator) -> None:
-    if recipe.grpo.num_iterations > 1:
-        batch.old_logps = frozen_logprobs(setup.model, head, batch, recipe, accelerator)
-    if recipe.grpo.beta > 0:
-        if ref_model is not None:
-            ref_head = ref_model.get_output_embeddings()
-            batch.ref_logps = frozen_logprobs(ref_model, ref_head, batch, recipe, accelerator)
-        else:  # LoRA: the base model is the reference
-            with sft.unwrapped(setup.model, accelerator).disable_adapter():
-                batch.ref_logps = frozen_logprobs(setup.model, head, batch, recipe, accelerator)
+def add_old_and_ref(setup: Setup, head, batch: RolloutBatch, g: GRPOSection) -> None:
+    if g.num_iterations > 1:
+        batch.old_logps = frozen_logprobs(setup.model, head, batch, g, setup.accelerator)
+    if g.beta > 0:
+        with setup.reference() as ref:
+            batch.ref_logps = frozen_logprobs(ref, ref.get_output_embeddings(), batch, g, setup.accelerator)
 
 
-def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, recipe: RLRecipe, head,
-                   accelerator) -> dict[str, float]:
+def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection,
+                   max_grad_norm: float | None, head) -> dict[str, float]:
     """One optimizer step over every completion of the round (gradient accumulation over micro-batches);
     not applied (`_skipped` 1) when the loss or gradient norm is NaN / inf."""
-    size = recipe.grpo.micro_batch_size
+    accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
     n_items = batch.loss_mask.sum()
     total, parts = 0.0, []
     for start in starts:
         part = batch.rows(start, start + size)
         with accelerator.autocast():
-            logps, entropy = completion_logprobs_entropy(setup.model, head, part, recipe.grpo.temperature)
+            logps, entropy = completion_logprobs_entropy(setup.model, head, part, g.temperature)
         loss, metrics = grpo_loss(
             logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
             grad_accum_steps=len(starts),
@@ -259,7 +259,7 @@ def optimizer_step(setup: sft.Setup, batch: RolloutBatch, cfg: GRPOLossConfig, r
         metrics["entropy"] = (entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     skipped = guards.any_nonfinite(torch.tensor([total, norm.item()]), accelerator)
     if not skipped:
         setup.optimizer.step()
@@ -283,11 +283,14 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
     return out
 
 
-def update(setup, ref_model, batch: RolloutBatch, cfg, recipe: RLRecipe, accelerator) -> dict[str, float]:
-    """num_iterations optimizer steps on one round; returns the mean of their metrics."""
-    head = sft.unwrapped(setup.model, accelerator).get_output_embeddings()
-    add_old_and_ref(setup, ref_model, head, batch, recipe, accelerator)
-    runs = [optimizer_step(setup, batch, cfg, recipe, head, accelerator) for _ in range(recipe.grpo.num_iterations)]
+def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: float | None) -> dict[str, float]:
+    """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
+    optimizer steps over `batch`; returns the mean of their metrics, and under `_skipped` the values of
+    the steps not applied (NaN / inf)."""
+    head = setup.unwrapped.get_output_embeddings()
+    add_old_and_ref(setup, head, batch, g)
+    cfg = loss_config(g)
+    runs = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head) for _ in range(g.num_iterations)]
     skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r in runs if r.pop("_skipped")]
     out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
@@ -299,69 +302,62 @@ def update(setup, ref_model, batch: RolloutBatch, cfg, recipe: RLRecipe, acceler
 
 def run_rl(recipe: RLRecipe) -> dict:
     """Train per the recipe; returns the final metrics (eval/exact_match when enabled)."""
-    with sft.deterministic_algorithms(recipe.train.deterministic):
+    with deterministic_algorithms(recipe.train.deterministic):
         return _run_rl(recipe)
 
 
 @dataclass
 class Run:
-    setup: sft.Setup
-    ref_model: torch.nn.Module | None
+    setup: Setup
     engine: object
     rewards: list
     data: PromptData
     tokenizer: object
     recipe: RLRecipe
-    accelerator: Accelerator
-    writer: MetricsWriter
-    say: object
+    log: Log
+    say: Say
 
 
 def _run_rl(recipe: RLRecipe) -> dict:
     from align.generation import GenerationEngine
     from rewards import build_rewards
 
-    accelerator = sft.make_accelerator(recipe)
+    accelerator = make_accelerator(recipe)
     if accelerator.num_processes > 1:
         raise ValueError("align rl runs in one process (multi-process GRPO is not built yet); "
                          "launch it without accelerate launch / torchrun")
-    opened, say = sft.prepare_run(recipe, accelerator)
-    run_dir, g, t = opened.path, recipe.grpo, recipe.train
+    opened, say = prepare_run(recipe, accelerator)
+    g, t = recipe.grpo, recipe.train
     with rundir.removed_on_failure(opened, accelerator):
-        tokenizer = sft.load_tokenizer_for(recipe)
+        tokenizer = load_tokenizer_for(recipe)
         data = prepare_prompts(recipe, tokenizer, accelerator, say)
         rewards = build_rewards(recipe.rewards, where="rewards")
-        setup = sft.setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step,
-                                say, opened.resume, run_steps=t.steps)
-        sft.write_recipe(opened, recipe, accelerator)
+        setup = setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step,
+                            say, opened.resume, run_steps=t.steps)
+        write_recipe(opened, recipe, accelerator)
     engine = GenerationEngine(setup.model, max_batch=g.rollout_batch)
     say(f"GRPO: {t.steps} rounds of {g.prompts_per_step} prompts x {g.num_generations} completions "
         f"(<= {g.max_completion_length} tokens), {g.num_iterations} optimizer step(s) each, loss {g.loss_type}, "
         f"beta {g.beta}; rewards: {', '.join(f'{r.name} x{r.weight:g}' for r in rewards)}; device {accelerator.device}")
     if setup.resume is None:
         torch.manual_seed(t.seed)
-    writer = MetricsWriter(run_dir, True, setup.start_step if setup.resume else None)
-    run = Run(setup, reference_model(recipe, setup, accelerator.device), engine, rewards, data, tokenizer,
-              recipe, accelerator, writer, say)
-    if recipe.output.trackers:
-        accelerator.init_trackers(run_dir.name, config=sft._flat(to_dict(recipe)))
-    final = train_loop(run)
-    if recipe.output.trackers:
-        accelerator.end_training()
-    return final
+    if g.beta > 0:
+        setup.keep_reference(recipe)
+    with feedback(recipe, setup, opened.path) as log:
+        return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say))
 
 
-def rl_step(run: Run, step: int, order: sft.DataOrder, cfg: GRPOLossConfig) -> tuple[dict, Rollout, torch.Tensor]:
+def rl_step(run: Run, step: int, order: DataOrder) -> tuple[dict, Rollout, torch.Tensor]:
     """One round: rollout, rewards, advantages, update. Returns (metrics, rollout, rewards)."""
-    recipe, device = run.recipe, run.accelerator.device
+    recipe = run.recipe
     clock = time.perf_counter()
     ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
     generated = time.perf_counter()
     reward, metrics = score_rollout(run.rewards, ro, recipe)
     advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
     scored = time.perf_counter()
-    batch = batch_for(ro, advantages, recipe, run.tokenizer, device)
-    updates = update(run.setup, run.ref_model, batch, cfg, recipe, run.accelerator)
+    batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
+    updates = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
     done = time.perf_counter()
     metrics["_skipped"] = updates.pop("_skipped")
     metrics.update({f"train/{k}": v for k, v in updates.items()})
@@ -391,40 +387,39 @@ def exact_match(run: Run) -> dict[str, float]:
     if not (e.exact_match and run.data.eval_rows):
         return {}
     rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
-    model = sft.unwrapped(run.setup.model, run.accelerator)
-    score, _ = exact_match_eval(model, run.tokenizer, rows, e.max_new_tokens, e.batch_size, run.accelerator,
-                                engine=e.engine)
+    score, _ = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
+                                run.setup.accelerator, engine=e.engine)
     return {"eval/exact_match": score}
 
 
 def train_loop(run: Run) -> dict:
     recipe, t = run.recipe, run.recipe.train
-    start, cfg = run.setup.start_step, loss_config(recipe)
+    start, cadence = run.setup.start_step, Cadence(t, t.steps)
     first = exact_match(run) if start == 0 else {}
     if first:
-        run.writer.write(0, first)
+        run.log.writer.write(0, first)
         run.say(f"exact match before RL: {first['eval/exact_match']:.1%}")
-    order = sft.DataOrder(len(run.data.train), t.seed, recipe.grpo.prompts_per_step)
+    order = DataOrder(len(run.data.train), t.seed, recipe.grpo.prompts_per_step)
     bar = progress_bar(t.steps, start, recipe.output.progress, desc="rl")
     watch = Watch.resumed(run)
     window: list[dict] = []
     for step in range(start, t.steps):
-        metrics, ro, reward = rl_step(run, step, order, cfg)
+        metrics, ro, reward = rl_step(run, step, order)
         done = step + 1
         watch.check(run, done, metrics)  # warns, or stops the run
         window.append(metrics)
         bar.update(1)
         if t.sample_every and done % t.sample_every == 0:
             write_samples(run, done, ro, reward)
-        if done % t.log_every == 0 or done == t.steps:
-            log(run, done, window_metrics(window), bar)
+        if cadence.log(done):
+            run.log(done, window_metrics(window), bar)
             window = []
-        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            log(run, done, exact_match(run), None)
-        if (t.save_every and done % t.save_every == 0) or done == t.steps:
-            sft.save_checkpoint(run.setup, done, run.tokenizer, recipe, run.accelerator,
-                                {"rows_consumed": done * recipe.grpo.prompts_per_step, "total_steps": t.steps,
-                                 "world_size": 1, **watch.state()})
+        if cadence.eval(done):
+            run.log(done, exact_match(run))
+        if cadence.save(done):
+            save_checkpoint(run.setup, done, run.tokenizer, recipe,
+                            {"rows_consumed": done * recipe.grpo.prompts_per_step, "total_steps": t.steps,
+                             "world_size": 1, **watch.state()})
     bar.close()
     return finish(run, first, watch)
 
@@ -479,21 +474,11 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def log(run: Run, step: int, metrics: dict, bar) -> None:
-    if not metrics:
-        return
-    run.writer.write(step, metrics)
-    if run.accelerator.trackers:
-        run.accelerator.log(metrics, step=step)
-    if bar is not None:
-        bar.set_postfix(bar_postfix(metrics), refresh=False)
-
-
 def finish(run: Run, first: dict, watch: Watch) -> dict:
     recipe = run.recipe
     last = exact_match(run)
     totals = {f"rewards/{r.name}/errors_total": float(watch.reward_errors[r.name]) for r in run.rewards}
-    log(run, recipe.train.steps, {**last, **totals}, None)
+    run.log(recipe.train.steps, {**last, **totals})
     raised = [f"{name} in {n} of {recipe.train.steps} rounds" for name, n in watch.reward_errors.items() if n]
     if raised:
         run.say(f"reward errors (the function raised; the round scored it None): {', '.join(raised)}")
@@ -502,6 +487,6 @@ def finish(run: Run, first: dict, watch: Watch) -> dict:
         run.say(f"eval exact match: {before}{last['eval/exact_match']:.1%} after {recipe.train.steps} steps")
     run.say(f"checkpoint: {ckpt.checkpoint_dir(recipe.output.run_dir, recipe.train.steps)}")
     if recipe.output.merge:
-        out = sft.save_final(run.setup, run.tokenizer, recipe, run.accelerator, recipe.train.steps)
+        out = save_final(run.setup, run.tokenizer, recipe, recipe.train.steps)
         run.say(f"final model (merged, with tokenizer): {out}")
     return {**{f"start/{k}": v for k, v in first.items()}, **last, **totals}

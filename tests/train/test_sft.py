@@ -12,7 +12,8 @@ import torch
 from align.recipe import SFTRecipe, load_recipe
 from align.train.checkpointing import list_checkpoints
 from align.train.metrics import read_metrics
-from align.train.sft import DataOrder, local_micro_batches, run_sft
+from align.train.order import DataOrder
+from align.train.sft import local_micro_batches, run_sft
 
 BASE = [
     "model.preset=tiny", "model.config.num_hidden_layers=2", "data.synthetic.train=96", "data.synthetic.test=16",
@@ -135,7 +136,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 
 def test_aux_loss_alpha_override(tmp_path):
     from align.models import build_model
-    from align.train.sft import set_aux_loss_alpha
+    from align.train.setup import set_aux_loss_alpha
 
     model = build_model("tiny", num_hidden_layers=2).train()
     ids = torch.randint(3, 1000, (2, 8))

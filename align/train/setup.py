@@ -1,0 +1,294 @@
+"""The model a run trains, in one object per mode: `FullSetup` (every weight) and `LoRASetup` (adapters on
+a frozen base). Loops ask the setup instead of testing the mode: `save` (the weights of a checkpoint),
+`final_state` / `final_model` (<run_dir>/final), `unwrapped`, `grad_sync`, `reference` (the starting
+weights, for a frozen pass).
+
+Processes: one ('single'), DDP over a replicated model, or FSDP2 (`fully_shard` per decoder layer, full
+fine-tuning only); `train.distributed=auto` picks the mode's own (`auto_distribution`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from accelerate import Accelerator
+
+from align.recipe import RecipeBase
+from align.train import checkpointing as ckpt
+from align.train.lora import apply_lora, lora_config, trainable_summary
+from align.train.optim import build_optimizer, build_scheduler
+
+
+def load_base_model(recipe: RecipeBase, device: torch.device, full_checkpoint: Path | None = None):
+    """The model to train: a full-FT checkpoint being resumed, a local directory, or a preset."""
+    from align.models import DeepseekV2ForCausalLM, build_model
+
+    m = recipe.model
+    if full_checkpoint is not None:
+        model = DeepseekV2ForCausalLM.from_pretrained(full_checkpoint, dtype=m.dtype, device_map=device)
+    elif m.path is not None:
+        model = DeepseekV2ForCausalLM.from_pretrained(m.path, dtype=m.dtype, device_map=device)
+    else:
+        seed = recipe.train.seed if m.seed is None else m.seed
+        model = build_model(m.preset, dtype=m.dtype, device_map=device, seed=seed, **m.config)
+    if recipe.train.aux_loss_alpha is not None:
+        set_aux_loss_alpha(model, recipe.train.aux_loss_alpha)
+    return model.train()
+
+
+def set_aux_loss_alpha(model: torch.nn.Module, alpha: float) -> None:
+    """The MoE balance-loss coefficient, in the config (saved with checkpoints) and every MoE layer."""
+    model.config.aux_loss_alpha = alpha
+    for module in model.modules():
+        if hasattr(module, "aux_alpha"):
+            module.aux_alpha = float(alpha)
+
+
+def unwrap(model, accelerator: Accelerator):
+    """The module without DDP (FSDP2 modules are used as they are)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False) if hasattr(model, "module") else model
+
+
+@dataclass
+class Setup:
+    """The trained model, its optimizer and schedule, and how it is spread over processes."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    distribution: str  # 'single' | 'ddp' | 'fsdp'
+    accelerator: Accelerator
+    resume: Path | None
+    start_step: int = 0
+    head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
+    trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
+
+    mode: ClassVar[str]
+    auto_distribution: ClassVar[str]  # with more than one process and train.distributed=auto
+
+    @classmethod
+    def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
+        if accelerator.num_processes == 1:
+            return "single"
+        return cls.auto_distribution if requested == "auto" else requested
+
+    @staticmethod
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
+        """(the model to train, extra Setup fields), restored from checkpoint `resume` when given."""
+        raise NotImplementedError
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return unwrap(self.model, self.accelerator)
+
+    @property
+    def sharded(self) -> bool:
+        return self.distribution == "fsdp"
+
+    @contextmanager
+    def grad_sync(self, enabled: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on the non-final micro-batches of a step."""
+        if enabled or self.distribution == "single":
+            yield
+        elif self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.model.no_sync():
+                yield
+
+    def save(self, out: Path, tokenizer) -> None:
+        """The weights (+ tokenizer) of a checkpoint, into its temporary directory `out`; every process calls it."""
+        raise NotImplementedError
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        """Every process calls it: the state dict <run_dir>/final is saved with (None: the model's own)."""
+        raise NotImplementedError
+
+    def final_model(self) -> torch.nn.Module:
+        """The main process saves <run_dir>/final from it; call it last (LoRA merges in place)."""
+        raise NotImplementedError
+
+    def keep_reference(self, recipe: RecipeBase) -> None:
+        """Hold what `reference` needs, before the first update."""
+
+    def reference(self) -> AbstractContextManager[torch.nn.Module]:
+        """A module holding the starting weights, for forwards without gradient."""
+        raise NotImplementedError
+
+
+@dataclass
+class FullSetup(Setup):
+    """Full fine-tuning: every weight trains; checkpoints hold the whole model."""
+
+    frozen: torch.nn.Module | None = None  # the starting weights (`keep_reference`)
+
+    mode: ClassVar[str] = "full"
+    auto_distribution: ClassVar[str] = "fsdp"
+
+    @staticmethod
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
+        return load_base_model(recipe, accelerator.device, resume / "model" if resume is not None else None), {}
+
+    def save(self, out: Path, tokenizer) -> None:
+        state = ckpt.full_state_dict(self.model, self.sharded)
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(out / "model", state_dict=state)
+            tokenizer.save_pretrained(out / "model")
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return ckpt.full_state_dict(self.model, self.sharded)
+
+    def final_model(self) -> torch.nn.Module:
+        return self.unwrapped
+
+    def keep_reference(self, recipe: RecipeBase) -> None:
+        """A frozen copy of the starting weights (a resumed run reloads them from the recipe's model)."""
+        device = self.accelerator.device
+        start = load_base_model(recipe, device) if self.resume is not None else copy.deepcopy(self.model)
+        self.frozen = start.eval().requires_grad_(False)
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        if self.frozen is None:
+            raise RuntimeError("FullSetup.reference: call keep_reference before training starts")
+        yield self.frozen
+
+
+@dataclass
+class LoRASetup(Setup):
+    """LoRA: adapters train on a frozen base; checkpoints hold the adapter, which names its base."""
+
+    base_ref: str | None = None  # directory of the frozen base the adapter applies to
+
+    mode: ClassVar[str] = "lora"
+    auto_distribution: ClassVar[str] = "ddp"
+
+    @classmethod
+    def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
+        if accelerator.num_processes > 1 and requested == "fsdp":
+            raise ValueError("train.distributed=fsdp is for full fine-tuning; LoRA runs use ddp (or auto)")
+        return super().distribution_for(requested, accelerator)
+
+    @staticmethod
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
+        model = load_base_model(recipe, accelerator.device)
+        base_ref = base_reference(recipe, model, tokenizer, accelerator)
+        lo = recipe.lora
+        model = apply_lora(model, lora_config(model, lo.r, lo.alpha, lo.dropout, lo.targets, lo.routed_experts))
+        if resume is not None:
+            ckpt.load_adapter_weights(model, resume / "adapter")
+        return model, {"base_ref": base_ref}
+
+    def save(self, out: Path, tokenizer) -> None:
+        if self.accelerator.is_main_process:
+            ckpt.save_adapter(self.unwrapped, out / "adapter", self.base_ref)
+            tokenizer.save_pretrained(out / "adapter")
+
+    def final_state(self) -> None:
+        return None
+
+    def final_model(self) -> torch.nn.Module:
+        return self.unwrapped.merge_and_unload()
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The live model with its adapters disabled: the base."""
+        with self.unwrapped.disable_adapter():
+            yield self.model
+
+
+def base_reference(recipe: RecipeBase, model, tokenizer, accelerator: Accelerator) -> str:
+    """Directory of the frozen base a LoRA adapter applies to; a preset base is saved to <run_dir>/base."""
+    if recipe.model.path is not None:
+        return str(Path(recipe.model.path).resolve())
+    base = Path(recipe.output.run_dir) / "base"
+    if accelerator.is_main_process and not (base / "config.json").is_file():
+        with ckpt.atomic_dir(base, _Solo()) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return str(base.resolve())
+
+
+class _Solo:
+    """The atomic_dir protocol for a write done by one process alone."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def wrap_model(model, distribution: str, accelerator: Accelerator):
+    """Move to the device and wrap for data parallelism: DDP (accelerate) or FSDP2 (fully_shard)."""
+    model = model.to(accelerator.device)
+    if distribution == "ddp":
+        return accelerator.prepare_model(model)
+    if distribution == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def loss_head(model, distribution: str, accelerator: Accelerator):
+    """The output Linear for the trained-positions-only loss: one process, or DDP with a frozen head
+    (FSDP shards it, and DDP expects trained parameters to be used inside its forward)."""
+    head = unwrap(model, accelerator).get_output_embeddings()
+    if distribution == "single" or (distribution == "ddp" and not head.weight.requires_grad):
+        return head
+    return None
+
+
+def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> None:
+    """The checkpoint's step fits in this run, and it took as many rows per step as this run will."""
+    state = ckpt.read_trainer_state(resume)
+    if state["step"] > run_steps:
+        raise ValueError(
+            f"resume_from {resume}: the checkpoint is at step {state['step']}, beyond this recipe's {run_steps} "
+            f"steps; set train.steps to at least {state['step']} to continue it"
+        )
+    if state["step"] and state.get("rows_consumed") != state["step"] * rows_per_step:
+        raise ValueError(
+            f"resume_from {resume}: it was trained with {state.get('rows_consumed', 0) // state['step']} rows per "
+            f"step, this run has {rows_per_step}; keep micro_batch_size x grad_accum x processes equal"
+        )
+
+
+def setup_model(
+    recipe: RecipeBase, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say,
+    resume: Path | None, run_steps: int | None = None,
+) -> Setup:
+    """Model (+LoRA), wrapping, optimizer, scheduler; restored from checkpoint `resume` when given.
+    run_steps: the steps of the run as checkpoints count them (default `steps`, the optimizer steps)."""
+    if resume is not None:
+        check_resume_position(resume, run_steps or steps, rows_per_step)
+    kind = FullSetup if recipe.lora is None else LoRASetup
+    model, extra = kind.load(recipe, tokenizer, accelerator, resume)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    say(trainable_summary(model))
+    distribution = kind.distribution_for(recipe.train.distributed, accelerator)
+    model = wrap_model(model, distribution, accelerator)
+    o, s = recipe.optim, recipe.schedule
+    optimizer = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay)
+    scheduler = build_scheduler(optimizer, s.name, steps, s.warmup_steps, s.min_lr_ratio, s.step_at, s.step_factor)
+    setup = kind(model, optimizer, scheduler, distribution, accelerator, resume,
+                 head=loss_head(model, distribution, accelerator), **extra)
+    if resume is not None:
+        state = ckpt.restore_training_state(resume, model, optimizer, scheduler, accelerator)
+        setup.start_step, setup.trainer_state = state["step"], state
+        say(f"resumed from {resume} at step {setup.start_step}")
+    return setup
