@@ -10,10 +10,11 @@ token ids in the completion); group-relative advantages; beta 0, one optimizer s
 completions in micro-batches of --micro-batch, gradient checkpointing (non-reentrant), LoRA r 16 / alpha 32 on
 align's default targets (align.train.lora), AdamW lr 1e-6, grad clip 1.0.
 
-align: GenerationEngine (n = G, CUDA graphs on Hopper bf16) -> rewards.score + group_advantages -> make_batch,
-completion_logprobs (fused linear log-prob) + grpo_loss per micro-batch under bf16 autocast -> AdamW
-(align.train.optim). Timed: generation (incl. decoding the texts), scoring, update; one warm-up step first
-(graph capture, optimizer state), then the timed step.
+align: GenerationEngine (n = G, CUDA graphs on Hopper bf16) -> rewards.score + group_advantages -> make_batch
+-> align.train.grpo.update, the update `align rl` runs (per micro-batch: completion log-probs and entropy by
+the fused linear log-prob kernel + grpo_loss under bf16 autocast; then clip, AdamW from align.train.optim,
+constant schedule) on a LoRASetup (align.train.setup). Timed: generation (incl. decoding the texts), scoring,
+update; one warm-up step first (graph capture, optimizer state), then the timed step.
 TRL: transformers' own DeepseekV2ForCausalLM (sdpa, default experts implementation) whose parameters ARE the
 tensors align used (assigned, not copied; align's model and adapters are freed first), the same LoRA config,
 trl.GRPOTrainer (transformers generate, use_vllm off, bf16, per_device_train_batch_size = --micro-batch,
@@ -40,14 +41,17 @@ import time
 from collections import defaultdict
 
 import torch
+from accelerate import Accelerator
 
 from align.generation import GenerationEngine
 from align.models import build_model
+from align.recipe import GRPOSection
 from align.train.advantages import group_advantages
-from align.train.grpo_loss import GRPOLossConfig, grpo_loss
+from align.train.grpo import update
 from align.train.lora import apply_lora, lora_config
-from align.train.optim import build_optimizer
-from align.train.rollout_batch import completion_logprobs, make_batch
+from align.train.optim import build_optimizer, build_scheduler
+from align.train.rollout_batch import make_batch
+from align.train.setup import LoRASetup
 
 LR, MAX_GRAD_NORM = 1e-6, 1.0
 
@@ -112,45 +116,28 @@ def random_prompts(count: int, length: int, config, seed: int) -> list[list[int]
 
 
 def build_align(args):
-    """Our model with random weights + LoRA + AdamW; also returns the base weights (for the TRL twin)."""
+    """Our model with random weights + LoRA + AdamW, as the LoRASetup `align rl` trains; also returns the base
+    weights (for the TRL twin)."""
     model = build_model(args.preset, dtype=args.dtype, device_map=str(args.device), seed=0)
     base_state = dict(model.state_dict())  # the base tensors themselves (detached views, no copy)
     model = apply_lora(model, lora_config(model, r=16, alpha=32.0))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, lr=LR)
-    return model, optimizer, base_state
+    cuda = args.device.type == "cuda"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    setup = LoRASetup(model, optimizer, build_scheduler(optimizer, "constant", 1), "single", accelerator, None)
+    return setup, base_state
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def grpo_section(args) -> GRPOSection:
+    """The GRPO options of the step: beta 0, one optimizer step (loss dapo), temperature 1."""
+    return GRPOSection(prompts_per_step=args.prompts, num_generations=args.generations,
+                       max_completion_length=args.completion_len, temperature=1.0, num_iterations=1, beta=0.0,
+                       loss_type="dapo", micro_batch_size=args.micro_batch)
 
 
-def align_update(model, optimizer, batch, cfg: GRPOLossConfig, micro: int, device) -> float:
-    """One optimizer step over every completion, micro-batch by micro-batch (as align.train.grpo.optimizer_step)."""
-    model.train()
-    head = model.get_output_embeddings()
-    starts = list(range(0, len(batch), micro))
-    n_items = batch.loss_mask.sum()
-    total = 0.0
-    for start in starts:
-        part = batch.rows(start, start + micro)
-        with autocast(device):
-            logps = completion_logprobs(model, head, part, 1.0)
-        loss, _ = grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
-                            grad_accum_steps=len(starts))
-        loss.backward()
-        total += loss.item()
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-def align_step(model, optimizer, engine, tokenizer, prompt_ids, args, seed: int) -> dict:
+def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int) -> dict:
     """generation -> scoring -> update, each timed (synchronised)."""
     from rewards import score
     from rewards.registry import WeightedReward
@@ -169,31 +156,31 @@ def align_step(model, optimizer, engine, tokenizer, prompt_ids, args, seed: int)
     totals, _, _ = score([WeightedReward("even_ids", even_ids)], prompts, texts, {"completion_ids": completions})
     advantages = group_advantages(torch.tensor(totals, dtype=torch.float32), g, "group")
     scored = time.perf_counter()
-    batch = make_batch(prompts, completions, advantages, special_ids(model.config)["pad"], None, device)
-    loss = align_update(model, optimizer, batch, GRPOLossConfig(max_completion_length=args.completion_len),
-                        args.micro_batch, device)
+    batch = make_batch(prompts, completions, advantages, special_ids(setup.model.config)["pad"], None, device)
+    setup.model.train()
+    metrics = update(setup, batch, grpo_section(args), MAX_GRAD_NORM)
     sync(device)
     done = time.perf_counter()
     tokens = sum(len(c) for c in completions)
     assert tokens == len(prompts) * args.completion_len, "a completion stopped early"
     return {"step_s": done - clock, "generation_s": generated - clock, "scoring_s": scored - generated,
             "update_s": done - scored, "generated_tokens": tokens, "tokens_per_s": tokens / (generated - clock),
-            "update_tokens_per_s": batch.input_ids.numel() / (done - scored), "loss": loss,
+            "update_tokens_per_s": batch.input_ids.numel() / (done - scored), "loss": metrics["loss"],
             "reward_mean": sum(totals) / len(totals), "peak_gib": peak_gib(device)}
 
 
 def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
     """Warm-up step, then the timed step; frees the model and returns (result, base weights)."""
-    model, optimizer, base_state = build_align(args)
-    config = model.config
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = GenerationEngine(model, max_batch=args.prompts * args.generations)
+    setup, base_state = build_align(args)
+    config = setup.model.config
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+    engine = GenerationEngine(setup.model, max_batch=args.prompts * args.generations)
     out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs}
     for name, seed in (("warmup", 1), ("timed", 2)):
-        out[name] = align_step(model, optimizer, engine, tokenizer, prompt_ids, args, seed)
+        out[name] = align_step(setup, engine, tokenizer, prompt_ids, args, seed)
         print("align", name, json.dumps(out[name]), flush=True)
     engine.release()
-    del engine, optimizer, model
+    del engine, setup
     gc.collect()
     if args.device.type == "cuda":
         torch.cuda.empty_cache()

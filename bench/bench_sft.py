@@ -2,10 +2,10 @@
 
 python bench/bench_sft.py --out sft.json [--batch 4 --seq 2048 --steps 5] [--smoke]
 
-Random bf16 weights, LoRA r 16 (alpha 32) on the attention and MLP linears (q_proj,
-kv_a_proj_with_mqa, kv_b_proj, o_proj, gate/up/down_proj of dense layers and shared experts; routed
-experts frozen; see align/train/peft_compat.py for why peft needs help with that), gradient
-checkpointing, AdamW on the adapters, labels = inputs (full causal-LM loss).
+Random bf16 weights, LoRA r 16 (alpha 32) on align's default targets, through the product's LoRA path
+(align.train.lora: the attention projections, gate/up/down_proj of dense layers and shared experts; routed
+experts frozen), the same adapters on both models, gradient checkpointing, AdamW on the adapters,
+labels = inputs (full causal-LM loss).
 Reports tokens/s (median step) and peak memory for each implementation.
 """
 
@@ -17,14 +17,10 @@ import json
 import statistics
 import time
 
-import peft
 import torch
 
 from align.models import build_model, preset_config
-from align.train.peft_compat import exact_lora_targets
-
-TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-           "gate_proj", "up_proj", "down_proj"]
+from align.train.lora import apply_lora, lora_config
 
 
 def transformers_model(preset: str, device: str, **overrides):
@@ -39,9 +35,7 @@ def transformers_model(preset: str, device: str, **overrides):
 
 def lora_wrap(model):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
-    with exact_lora_targets():  # else peft moves gate/up/down_proj LoRA onto the routed experts
-        return peft.get_peft_model(model, config)
+    return apply_lora(model, lora_config(model, r=16, alpha=32.0))
 
 
 def time_steps(model, batch: int, seq: int, steps: int, device: str, **forward_kwargs) -> dict:

@@ -9,7 +9,7 @@
   data, LoRA shape, optimizer or train.seed is an error naming every changed key (the weights, data
   order and restored optimizer state would not belong together); other changes are listed and apply.
 - A fresh run that fails before training starts removes what it wrote, so the directory is as before;
-  `<run_dir>/recipe.yaml` is written once the run is set up (sft.write_recipe).
+  `<run_dir>/recipe.yaml` is written once the run is set up (run.write_recipe).
 """
 
 from __future__ import annotations
