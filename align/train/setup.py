@@ -69,7 +69,7 @@ class Setup:
     head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
     trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
 
-    mode: ClassVar[str]
+    mode: ClassVar[str]  # "full" | "lora" (ESFT would be another subclass)
     auto_distribution: ClassVar[str]  # with more than one process and train.distributed=auto
 
     @classmethod

@@ -76,13 +76,14 @@ def train_once(setup) -> None:
     setup.optimizer.zero_grad()
 
 
-@pytest.mark.parametrize(("overrides", "kind", "weights"), [
-    (["lora=null"], FullSetup, "model"),
-    (["lora.r=4"], LoRASetup, "adapter"),
+@pytest.mark.parametrize(("overrides", "kind", "mode", "weights"), [
+    (["lora=null"], FullSetup, "full", "model"),
+    (["lora.r=4"], LoRASetup, "lora", "adapter"),
 ])
-def test_setup_answers_for_its_mode(tmp_path, overrides, kind, weights):
+def test_setup_answers_for_its_mode(tmp_path, overrides, kind, mode, weights):
     setup, recipe, tokenizer = make_setup(tmp_path, *overrides)
-    assert type(setup) is kind and setup.distribution == "single" and setup.unwrapped is setup.model
+    assert type(setup) is kind and setup.mode == mode
+    assert setup.distribution == "single" and setup.unwrapped is setup.model
     ids = torch.arange(3, 11).reshape(1, 8)
     start = logits(setup.model, ids)
     setup.keep_reference(recipe)
