@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 OPS = "+-*"
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 Problem = tuple[int, str, int]
 
@@ -118,20 +116,6 @@ def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
-
-
-def extract_answer(text: str) -> str:
-    """The answer in a reply: the first number of its first non-empty line, else that line stripped."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    found = _NUMBER.search(lines[0])
-    return found.group(0).lstrip("+") if found else lines[0]
-
-
-def exact_match(pred: str, answer: str) -> bool:
-    """Whether a reply's extracted answer equals the reference (both normalised by extract_answer)."""
-    return extract_answer(pred) == extract_answer(answer) != ""
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -7,8 +7,6 @@ from data_tools.datasets import detect_format, load_rows, tokenize_dataset
 from data_tools.synthetic import (
     arithmetic_rows,
     arithmetic_splits,
-    exact_match,
-    extract_answer,
     main,
     problem_count,
     write_jsonl,
@@ -80,21 +78,6 @@ def test_rows_load_and_tokenize_as_sft_data(tmp_path):
     assert stats.kept == 20 and stats.length_max <= 24
     trained = [t for t, label in zip(examples[0]["input_ids"], examples[0]["labels"], strict=True) if label != -100]
     assert tok.decode(trained) == " " + rows[0]["answer"] + tok.eos_token
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("68", "68"), (" 68\n", "68"), ("68.", "68"), ("The answer is 68, surely", "68"), ("-5", "-5"),
-     ("+7", "7"), ("\n\n 12 then 13\n14", "12"), ("no number", "no number"), ("", "")],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
-
-
-def test_exact_match():
-    assert exact_match(" 68", "68") and exact_match("68\nmore text 70", "68")
-    assert not exact_match("680", "68") and not exact_match("6 8", "68")
-    assert not exact_match("", "") and not exact_match("   ", "68")
 
 
 def test_teacher_error_forgets_borrows_in_training_replies_only():
