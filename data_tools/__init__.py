@@ -15,6 +15,7 @@ _EXPORTS = {
     "DEEPSEEK_V2_CHAT_TEMPLATE": "tokenizer",
     "TINY_TOKENIZER_DIR": "tokenizer",
     "load_tokenizer": "tokenizer",
+    "padding_id": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,10 +18,11 @@ SFT -> RL default is built on that.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from data_tools.jsonl import write_jsonl
 
 OPS = "+-*"
 
@@ -104,18 +105,6 @@ def arithmetic_splits(
     train = [make_row(*p, forget_borrow=rng.random() < teacher_error)
              for p in problems[n_test:] for _ in range(replies_per_problem)]
     return train, [make_row(*p) for p in problems[:n_test]]
-
-
-def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
-    """Write rows as JSON lines (UTF-8), via a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

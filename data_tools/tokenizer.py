@@ -68,3 +68,9 @@ def load_tokenizer(
             f"tokenizer at {str(path)!r} has no eos_token; set 'eos_token' in tokenizer_config.json"
         )
     return tokenizer
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (padded positions are
+    masked out, so any id works; EOS is one every loaded tokenizer has)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -39,6 +39,7 @@ from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import MetricsWriter, bar_postfix, progress_bar
 from align.train.rollout_batch import RolloutBatch, completion_logprobs, completion_logprobs_entropy, make_batch
+from data_tools.tokenizer import padding_id
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -199,7 +200,7 @@ def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer
     def truncated_off(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mask_truncated_completions(comp, mask, eos)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     fn = truncated_off if recipe.grpo.mask_truncated_completions else None
     return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device)
 

@@ -34,9 +34,8 @@ from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.metrics import MetricsWriter, bar_postfix, check_trackers, progress_bar
 from align.train.optim import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
-
+from data_tools.chat import IGNORE_INDEX
+from data_tools.tokenizer import padding_id
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -59,7 +58,8 @@ class SFTData:
 
 def synthetic_files(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[Path, Path]:
     """Write the recipe's synthetic train / test splits under <run_dir>/data (SFT and RL recipes alike)."""
-    from data_tools.synthetic import arithmetic_splits, write_jsonl
+    from data_tools.jsonl import write_jsonl
+    from data_tools.synthetic import arithmetic_splits
 
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
     with accelerator.main_process_first():
@@ -106,7 +106,7 @@ def prepare_data(recipe: SFTRecipe, tokenizer, accelerator: Accelerator, say) ->
     from data_tools.packing import pack_best_fit, packing_efficiency, pad_tail_start
 
     train_rows, eval_rows, train_src, eval_src = load_sft_rows(recipe, accelerator)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     train = _tokenize(train_rows, tokenizer, recipe, train_src, say)
     evals = _tokenize(eval_rows, tokenizer, recipe, eval_src, say) if eval_rows is not None else []
     packed = recipe.data.packing

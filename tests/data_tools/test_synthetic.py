@@ -4,12 +4,12 @@ import re
 import pytest
 
 from data_tools.datasets import detect_format, load_rows, tokenize_dataset
+from data_tools.jsonl import write_jsonl
 from data_tools.synthetic import (
     arithmetic_rows,
     arithmetic_splits,
     main,
     problem_count,
-    write_jsonl,
 )
 from data_tools.tokenizer import load_tokenizer
 
@@ -121,3 +121,17 @@ def test_replies_per_problem_repeats_each_problem_with_its_own_teacher_draw():
     assert mixed > 50
     with pytest.raises(ValueError, match="replies_per_problem"):
         arithmetic_splits(10, 10, seed=0, replies_per_problem=0)
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = write_jsonl([{"a": "é"}], tmp_path / "sub" / "x.jsonl")
+    assert path.read_text(encoding="utf-8") == '{"a": "é"}\n'
+
+    def broken():
+        yield {"a": 2}
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(broken(), path)
+    assert path.read_text(encoding="utf-8") == '{"a": "é"}\n'  # the old file stays whole
+    assert [p.name for p in path.parent.iterdir()] == ["x.jsonl"]  # and no temporary file is left
