@@ -12,6 +12,7 @@ _EXPORTS = {
     "tokenize_prompt_completion": "chat",
     "tokenize_row": "chat",
     "validate_messages": "chat",
+    "CHAT_TEMPLATES": "tokenizer",
     "DEEPSEEK_V2_CHAT_TEMPLATE": "tokenizer",
     "TINY_TOKENIZER_DIR": "tokenizer",
     "load_tokenizer": "tokenizer",

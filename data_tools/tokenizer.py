@@ -21,6 +21,9 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Templates by name, for recipes' tokenizer.chat_template and `align generate --chat-template`.
+CHAT_TEMPLATES = {"deepseek_v2": DEEPSEEK_V2_CHAT_TEMPLATE}
+
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

@@ -165,10 +165,10 @@ def make_accelerator(recipe: SFTRecipe) -> Accelerator:
 
 
 def load_tokenizer_for(recipe: SFTRecipe):
-    from data_tools.tokenizer import DEEPSEEK_V2_CHAT_TEMPLATE, load_tokenizer
+    from data_tools.tokenizer import CHAT_TEMPLATES, load_tokenizer
 
     path = recipe.tokenizer.path or recipe.model.path or "tiny"
-    template = DEEPSEEK_V2_CHAT_TEMPLATE if recipe.tokenizer.chat_template == "deepseek_v2" else None
+    template = CHAT_TEMPLATES.get(recipe.tokenizer.chat_template)  # None: the tokenizer's own
     return load_tokenizer(path, chat_template=template)
 
 
