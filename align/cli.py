@@ -1,9 +1,9 @@
-"""The `align` command: thin argument parsing; the work lives in align.train / align.generation.
+"""The `align` command: thin argument parsing; the work lives in align.train and align.commands.
 
     align sft recipe.yaml [key.sub=value ...]
     align rl  recipe.yaml [key.sub=value ...]
     align plot RUN_DIR
-    align generate ...            (when align.generation.cli exists)
+    align generate MODEL_DIR [--prompts rows.jsonl --out completions.jsonl | --interactive] ...
 
 A subcommand is one `add_<name>_parser(subparsers)` function registered in SUBCOMMANDS; it sets
 `func` to a callable taking the parsed arguments and returning an exit code.
@@ -12,7 +12,6 @@ A subcommand is one `add_<name>_parser(subparsers)` function registered in SUBCO
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -98,14 +97,30 @@ def run_plot_command(args: argparse.Namespace) -> int:
 
 
 def add_generate_parser(subparsers) -> None:
-    """`align generate`, registered by align.generation.cli when that module exists."""
-    try:
-        module = importlib.import_module("align.generation.cli")
-    except ModuleNotFoundError as err:
-        if err.name not in ("align.generation.cli", "align.generation"):
-            raise
-        return
-    module.add_generate_parser(subparsers)
+    from align.commands import generate
+
+    p = subparsers.add_parser(
+        "generate", help="sample completions from a checkpoint (JSONL prompts or interactive chat)",
+        description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local checkpoint directory (config.json + safetensors)")
+    p.add_argument("--prompts", help="JSONL file of prompts; omit for an interactive chat")
+    p.add_argument("--out", help="output JSONL path (default: stdout)")
+    p.add_argument("--interactive", action="store_true", help="chat on stdin even if --prompts is given")
+    p.add_argument("--tokenizer", help="tokenizer directory or 'tiny' (default: MODEL_DIR)")
+    p.add_argument("--chat-template", help="'deepseek_v2' or a Jinja file replacing the tokenizer's template")
+    p.add_argument("--system", help="system message for interactive chat")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop id (repeatable)")
+    p.add_argument("--max-batch", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda:0 when present), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=generate.main_generate)
 
 
 SUBCOMMANDS: list[Callable] = [add_sft_parser, add_rl_parser, add_plot_parser, add_generate_parser]

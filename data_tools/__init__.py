@@ -12,9 +12,11 @@ _EXPORTS = {
     "tokenize_prompt_completion": "chat",
     "tokenize_row": "chat",
     "validate_messages": "chat",
+    "CHAT_TEMPLATES": "tokenizer",
     "DEEPSEEK_V2_CHAT_TEMPLATE": "tokenizer",
     "TINY_TOKENIZER_DIR": "tokenizer",
     "load_tokenizer": "tokenizer",
+    "padding_id": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

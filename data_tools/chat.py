@@ -9,11 +9,12 @@ i.e. what the model produces at generation time (for DeepSeek-V2: " " + reply + 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that takes no loss (PyTorch's and Hugging Face's default)
 ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]

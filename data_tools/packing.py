@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from data_tools.chat import IGNORE_INDEX
 
 Example = Mapping[str, Sequence[int]]
 

@@ -18,14 +18,13 @@ SFT -> RL default is built on that.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from data_tools.jsonl import write_jsonl
+
 OPS = "+-*"
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 Problem = tuple[int, str, int]
 
@@ -106,32 +105,6 @@ def arithmetic_splits(
     train = [make_row(*p, forget_borrow=rng.random() < teacher_error)
              for p in problems[n_test:] for _ in range(replies_per_problem)]
     return train, [make_row(*p) for p in problems[:n_test]]
-
-
-def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
-    """Write rows as JSON lines (UTF-8), via a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def extract_answer(text: str) -> str:
-    """The answer in a reply: the first number of its first non-empty line, else that line stripped."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    found = _NUMBER.search(lines[0])
-    return found.group(0).lstrip("+") if found else lines[0]
-
-
-def exact_match(pred: str, answer: str) -> bool:
-    """Whether a reply's extracted answer equals the reference (both normalised by extract_answer)."""
-    return extract_answer(pred) == extract_answer(answer) != ""
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

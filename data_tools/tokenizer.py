@@ -21,6 +21,9 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Templates by name, for recipes' tokenizer.chat_template and `align generate --chat-template`.
+CHAT_TEMPLATES = {"deepseek_v2": DEEPSEEK_V2_CHAT_TEMPLATE}
+
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -68,3 +71,9 @@ def load_tokenizer(
             f"tokenizer at {str(path)!r} has no eos_token; set 'eos_token' in tokenizer_config.json"
         )
     return tokenizer
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (padded positions are
+    masked out, so any id works; EOS is one every loaded tokenizer has)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

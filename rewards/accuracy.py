@@ -23,7 +23,8 @@
         (:func:`rewards.extract.normalize`).
     numeric (bool, default True): when both sides are single numbers compare them as floats
         (so ``5.0`` equals ``5``).
-    Scores 1.0 on a match, 0.0 otherwise (also when nothing could be extracted).
+    Scores 1.0 on a match, 0.0 otherwise (also when nothing could be extracted). With the default
+    params this is :func:`rewards.extract.last_number_matches`, the exact-match eval's rule.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards.extract import DEFAULT_MARKERS, EXTRACT_MODES, as_number, extract_answer, normalize
+from rewards.extract import DEFAULT_MARKERS, EXTRACT_MODES, reply_matches
 from rewards.registry import Scores, completion_text, register
 
 
@@ -79,16 +80,6 @@ def math_reward(
     return out
 
 
-def answers_match(predicted: str, gold: str, *, numeric: bool = True, **norm: bool) -> bool:
-    """Compare two extracted answers after :func:`normalize` (numerically when both are numbers)."""
-    p, g = normalize(predicted, **norm), normalize(gold, **norm)
-    if numeric:
-        pn, gn = as_number(p), as_number(g)
-        if pn is not None and gn is not None:
-            return abs(pn - gn) <= 1e-9 * max(1.0, abs(gn))
-    return p == g
-
-
 def _check_exact_match(params: Mapping[str, Any]) -> None:
     for key in ("extract", "gold_extract"):
         mode = params.get(key, "whole" if key == "gold_extract" else "last_number")
@@ -115,13 +106,10 @@ def exact_match_reward(
 ) -> Scores:
     _check_exact_match({"extract": extract, "gold_extract": gold_extract, "markers": markers})
     golds = _gold_values(columns, answer_column)
-    norm = {"strip": strip, "case_sensitive": case_sensitive, "remove_commas": remove_commas}
+    rule = {"extract": extract, "reference_extract": gold_extract, "markers": markers, "numeric": numeric,
+            "strip": strip, "case_sensitive": case_sensitive, "remove_commas": remove_commas}
     out: Scores = []
     for completion, gold_raw in zip(completions, golds, strict=True):
-        gold = extract_answer(str(gold_raw), gold_extract, markers) if gold_raw is not None else None
-        if gold is None or not gold.strip():
-            out.append(None)
-            continue
-        predicted = extract_answer(completion_text(completion), extract, markers)
-        out.append(1.0 if predicted is not None and answers_match(predicted, gold, numeric=numeric, **norm) else 0.0)
+        ok = reply_matches(completion_text(completion), str(gold_raw), **rule) if gold_raw is not None else None
+        out.append(None if ok is None else float(ok))
     return out

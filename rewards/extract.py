@@ -1,4 +1,13 @@
-"""Final-answer extraction and normalization shared by the answer-checking rewards.
+"""Final-answer extraction, normalization and comparison: the one rule of "the answer is right".
+
+The answer-checking rewards use it, and so does the greedy exact-match eval
+(:func:`last_number_matches`), so ``eval/exact_match`` and the ``exact_match`` reward with its
+default params score a reply alike.
+
+The default rule, for math answers: the reply's answer is its **last** number (a worked solution
+states the result at the end, after the intermediate numbers), compared with the reference taken
+whole, both normalized by :func:`normalize` and compared as numbers when both are numbers (so
+``68.0`` equals ``68`` and ``1,234`` equals ``1234``).
 
 Extraction modes (``extract_answer(text, mode, markers)``):
 
@@ -100,3 +109,39 @@ def normalize(value: str, *, strip: bool = True, case_sensitive: bool = False, r
 def as_number(value: str) -> float | None:
     """``value`` as a float when it is exactly one number, else None."""
     return float(value) if _NUMERIC.fullmatch(value.strip()) else None
+
+
+def answers_match(predicted: str, gold: str, *, numeric: bool = True, **norm: bool) -> bool:
+    """Compare two extracted answers after :func:`normalize` (numerically when both are numbers)."""
+    p, g = normalize(predicted, **norm), normalize(gold, **norm)
+    if numeric:
+        pn, gn = as_number(p), as_number(g)
+        if pn is not None and gn is not None:
+            return abs(pn - gn) <= 1e-9 * max(1.0, abs(gn))
+    return p == g
+
+
+def reply_matches(
+    reply: str,
+    reference: str,
+    *,
+    extract: str = "last_number",
+    reference_extract: str = "whole",
+    markers: Sequence[str] = DEFAULT_MARKERS,
+    numeric: bool = True,
+    **norm: bool,
+) -> bool | None:
+    """Whether the answer extracted from ``reply`` (mode ``extract``) equals the one extracted from
+    ``reference`` (mode ``reference_extract``); None when the reference yields no answer. A reply
+    that yields none does not match."""
+    gold = extract_answer(reference, reference_extract, markers)
+    if gold is None or not gold.strip():
+        return None
+    predicted = extract_answer(reply, extract, markers)
+    return predicted is not None and answers_match(predicted, gold, numeric=numeric, **norm)
+
+
+def last_number_matches(reply: str, answer: str) -> bool:
+    """The default rule (module docstring): the last number in ``reply`` equals ``answer``. A blank
+    ``answer`` matches nothing."""
+    return bool(reply_matches(reply, answer))

@@ -22,12 +22,14 @@ receives comes from the dataset columns. Recipe block, one entry per reward::
 
 Params are merged over the columns, so a param wins over a column of the same name.
 
-Combining (:func:`score`): ``total[i] = sum(weight_k * r_k[i])`` over the rewards whose
-value for row ``i`` is not ``None``; a row where every reward is ``None`` gets 0.0. A reward
-that raises (or returns the wrong number of values, or a non-number) is logged with
-``logging.warning`` and a traceback summary, counted in ``errors``, and scores ``None`` for
-the whole batch; the other rewards and the run go on. ``errors`` maps every reward's name
-to 0 or 1 for the batch; :func:`reward_metrics` turns the output into scalars for logging.
+Combining (:func:`combine_scores`, TRL's GRPOTrainer rule): ``total[i] = sum(weight_k * r_k[i])``
+over the rewards whose value for row ``i`` is not ``None``; a row where every reward is ``None``
+is unscorable and gets NaN, so the advantage step leaves it out of its group's statistics and
+gives it advantage 0. A reward that raises (or returns the wrong number of values, or a
+non-number) is logged with ``logging.warning`` and a traceback summary, counted in ``errors``,
+and scores ``None`` for the whole batch; the other rewards and the run go on. ``errors`` maps
+every reward's name to 0 or 1 for the batch; :func:`reward_metrics` turns the output into the
+scalars the RL loop logs.
 """
 
 from __future__ import annotations
@@ -255,13 +257,37 @@ def _checked(values: Any, n: int, name: str) -> Scores:
     return out
 
 
+def _missing(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+
+def combine_scores(per_function: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float]:
+    """Weighted total of each row: ``Σ_k w_k r_k[i]`` over the functions that scored row ``i``.
+
+    ``per_function[k][i]`` is function ``k``'s value for row ``i``; ``None`` or NaN means "not
+    applicable". A row no function scored is NaN, not 0.0 (TRL's GRPOTrainer rule): a 0.0 would
+    pull its group's mean toward 0 and hand the row an advantage it did not earn, while NaN is left
+    out of the group's mean and std and its advantage is 0.
+    """
+    if len(per_function) != len(weights):
+        raise ValueError(f"got {len(weights)} reward weights for {len(per_function)} reward functions")
+    n = len(per_function[0]) if per_function else 0
+    totals = []
+    for i in range(n):
+        scored = [(w, values[i]) for values, w in zip(per_function, weights, strict=True) if not _missing(values[i])]
+        totals.append(sum(w * v for w, v in scored) if scored else math.nan)
+    return totals
+
+
 def score(
     rewards: Sequence[WeightedReward],
     prompts: Sequence[Any],
     completions: Sequence[Any],
     columns: Mapping[str, Sequence[Any]] | None = None,
 ) -> tuple[list[float], dict[str, Scores], dict[str, int]]:
-    """Run every reward on a batch; return (weighted totals, per-function scores, error counts)."""
+    """Run every reward on a batch; return (weighted totals, per-function scores, error counts).
+
+    A total is NaN where every reward returned ``None`` (see :func:`combine_scores`)."""
     n = len(completions)
     columns = dict(columns or {})
     per_function: dict[str, Scores] = {}
@@ -275,22 +301,38 @@ def score(
             logger.warning("reward %r raised; scoring None for this batch\n%s", reward.name, summary)
             errors[reward.name] = 1
             per_function[reward.name] = [None] * n
-    total = [0.0] * n
-    for reward in rewards:
-        for i, v in enumerate(per_function[reward.name]):
-            if v is not None:
-                total[i] += reward.weight * v
+    if not rewards:
+        return [math.nan] * n, per_function, errors
+    total = combine_scores([per_function[r.name] for r in rewards], [r.weight for r in rewards])
     return total, per_function, errors
 
 
-def reward_metrics(per_function: Mapping[str, Scores], errors: Mapping[str, int]) -> dict[str, float]:
-    """Scalar metrics for logging: mean of each reward over applicable rows, their count, errors."""
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and unbiased std of the values that are not None / NaN (NaN when too few)."""
+    seen = [v for v in values if not _missing(v)]
+    if not seen:
+        return math.nan, math.nan
+    mean = math.fsum(seen) / len(seen)
+    if len(seen) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in seen) / (len(seen) - 1))
+
+
+def reward_metrics(
+    per_function: Mapping[str, Scores], errors: Mapping[str, int], totals: Sequence[float]
+) -> dict[str, float]:
+    """The reward scalars of one round, as TRL's GRPOTrainer computes them (NaN-ignoring):
+
+    ``rewards/<name>/mean`` and ``/std`` over the rows the function scored, ``rewards/<name>/errors``
+    (1 when it raised on this batch), and ``reward/mean`` / ``reward/std`` of the weighted totals over
+    the scorable rows (TRL logs these two as ``reward`` / ``reward_std``). Stds are unbiased; a value
+    is NaN when fewer rows than it needs were scored.
+    """
     metrics: dict[str, float] = {}
     for name, values in per_function.items():
-        seen = [v for v in values if v is not None]
-        metrics[f"rewards/{name}/mean"] = sum(seen) / len(seen) if seen else math.nan
-        metrics[f"rewards/{name}/applicable"] = float(len(seen))
+        metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = _mean_std(values)
         metrics[f"rewards/{name}/errors"] = float(errors.get(name, 0))
+    metrics["reward/mean"], metrics["reward/std"] = _mean_std(totals)
     return metrics
 
 

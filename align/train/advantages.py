@@ -2,12 +2,12 @@
 
 Rewards arrive as one flat tensor of ``B·G`` values, the ``G`` completions of each prompt
 consecutive. A reward may be NaN (every reward function returned ``None`` for that
-completion): it is left out of the statistics and its advantage is 0.
+completion; :func:`rewards.registry.combine_scores` is that rule): it is left out of the
+statistics and its advantage is 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -32,24 +32,6 @@ def nanstd(x: Tensor, dim: int | None = None) -> Tensor:
     var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
     std = var.sqrt()
     return std.squeeze(dim) if dim is not None else std
-
-
-def combine_rewards(rewards_per_func: Tensor, weights: Sequence[float] | Tensor | None = None) -> Tensor:
-    """Weighted sum of the reward functions' outputs: ``r_i = Σ_k w_k r_ik`` over non-NaN ``r_ik``.
-
-    ``rewards_per_func`` is ``[B·G, K]`` with NaN where function ``k`` returned ``None``. A row where
-    every function returned ``None`` is NaN (unscorable), as in TRL's ``sum_then_normalize``.
-    """
-    if rewards_per_func.dim() != 2:
-        shape = tuple(rewards_per_func.shape)
-        raise ValueError(f"rewards_per_func must be [num_completions, num_funcs], got {shape}")
-    k = rewards_per_func.size(1)
-    w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    if w.numel() != k:
-        raise ValueError(f"got {w.numel()} reward weights for {k} reward functions")
-    w = w.to(device=rewards_per_func.device, dtype=rewards_per_func.dtype)
-    rewards = (rewards_per_func * w.unsqueeze(0)).nansum(dim=1)
-    return rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
 
 
 def group_advantages(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from data_tools.chat import IGNORE_INDEX
 
 
 def shard(items: Sequence, rank: int, world: int) -> tuple[list, int]:
@@ -147,13 +147,14 @@ def exact_match_eval(
     model, tokenizer, rows: Sequence[Mapping], max_new_tokens: int, batch_size: int, accelerator,
     engine: bool = False,
 ) -> tuple[float, list[dict]]:
-    """Share of rows whose greedy reply has the reference answer (data_tools.synthetic.exact_match),
+    """Share of rows whose greedy reply has the reference answer (rewards.extract.last_number_matches),
     and a few examples {prompt, completion, answer, correct} from the main process."""
     from data_tools.chat import render_prompt
-    from data_tools.synthetic import exact_match
+    from data_tools.tokenizer import padding_id
+    from rewards.extract import last_number_matches
 
     mine, real = shard(rows, accelerator.process_index, accelerator.num_processes)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     multi = accelerator.num_processes > 1
 
     def all_done(done: bool) -> bool:
@@ -175,7 +176,7 @@ def exact_match_eval(
             if start + i >= real:
                 continue
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            ok = exact_match(text, answer)
+            ok = last_number_matches(text, answer)
             correct += ok
             if len(samples) < 5:
                 samples.append({"prompt": prompt, "completion": text, "answer": answer, "correct": ok})

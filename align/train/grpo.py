@@ -55,6 +55,7 @@ from align.train.run import (
     write_recipe,
 )
 from align.train.setup import Setup, setup_model
+from data_tools.tokenizer import padding_id
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -168,18 +169,12 @@ def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor,
     """Weighted total reward per completion, and reward metrics (mean / std per function and total;
     `rewards/<name>/errors`: 1 when the function raised on this round). `_reward_failure` says why the
     round has no reward value at all (None when it has one)."""
-    from rewards import score
+    from rewards import reward_metrics, score
 
     prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
     totals, per_function, errors = score(rewards, prompts, completions, columns)
-    metrics: dict = {}
-    for name, values in per_function.items():
-        seen = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
-        metrics[f"rewards/{name}/mean"] = seen.mean().item() if seen.numel() else math.nan
-        metrics[f"rewards/{name}/std"] = seen.std().item() if seen.numel() > 1 else math.nan
-        metrics[f"rewards/{name}/errors"] = float(errors[name])
+    metrics: dict = reward_metrics(per_function, errors, totals)
     reward = torch.tensor(totals, dtype=torch.float32)
-    metrics["reward/mean"], metrics["reward/std"] = reward.mean().item(), reward.std().item()
     metrics["_reward_failure"] = guards.reward_failure(per_function, errors)
     return reward, metrics
 
@@ -210,7 +205,7 @@ def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer
     def truncated_off(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mask_truncated_completions(comp, mask, eos)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     fn = truncated_off if recipe.grpo.mask_truncated_completions else None
     return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device)
 

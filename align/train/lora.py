@@ -1,4 +1,4 @@
-"""LoRA for DeepSeek-V2 through peft, with the target defaults of the issue.
+"""LoRA for DeepSeek-V2 through peft: attention, dense-MLP and shared-expert weights by default.
 
 Default targets: the attention projections (`q_proj`, or `q_a_proj` / `q_b_proj` with query
 compression), `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`; the dense MLP (layers before

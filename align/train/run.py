@@ -82,16 +82,17 @@ def write_recipe(run: rundir.RunDir, recipe: RecipeBase, accelerator: Accelerato
 
 
 def load_tokenizer_for(recipe: RecipeBase):
-    from data_tools.tokenizer import DEEPSEEK_V2_CHAT_TEMPLATE, load_tokenizer
+    from data_tools.tokenizer import CHAT_TEMPLATES, load_tokenizer
 
     path = recipe.tokenizer.path or recipe.model.path or "tiny"
-    template = DEEPSEEK_V2_CHAT_TEMPLATE if recipe.tokenizer.chat_template == "deepseek_v2" else None
+    template = CHAT_TEMPLATES.get(recipe.tokenizer.chat_template)  # None: the tokenizer's own
     return load_tokenizer(path, chat_template=template)
 
 
 def synthetic_files(recipe: RecipeBase, accelerator: Accelerator) -> tuple[Path, Path]:
     """Write the recipe's synthetic train / test splits under <run_dir>/data (SFT and RL recipes alike)."""
-    from data_tools.synthetic import arithmetic_splits, write_jsonl
+    from data_tools.jsonl import write_jsonl
+    from data_tools.synthetic import arithmetic_splits
 
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
     with accelerator.main_process_first():

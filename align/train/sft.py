@@ -31,9 +31,8 @@ from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.metrics import progress_bar
 from align.train.order import DataOrder
 from align.train.setup import Setup, setup_model
-
-IGNORE_INDEX = -100
-
+from data_tools.chat import IGNORE_INDEX
+from data_tools.tokenizer import padding_id
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -88,7 +87,7 @@ def prepare_data(recipe: SFTRecipe, tokenizer, accelerator: Accelerator, say) ->
     from data_tools.packing import pack_best_fit, packing_efficiency, pad_tail_start
 
     train_rows, eval_rows, train_src, eval_src = load_sft_rows(recipe, accelerator)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     train = _tokenize(train_rows, tokenizer, recipe, train_src, say)
     evals = _tokenize(eval_rows, tokenizer, recipe, eval_src, say) if eval_rows is not None else []
     packed = recipe.data.packing

@@ -4,14 +4,12 @@ import re
 import pytest
 
 from data_tools.datasets import detect_format, load_rows, tokenize_dataset
+from data_tools.jsonl import write_jsonl
 from data_tools.synthetic import (
     arithmetic_rows,
     arithmetic_splits,
-    exact_match,
-    extract_answer,
     main,
     problem_count,
-    write_jsonl,
 )
 from data_tools.tokenizer import load_tokenizer
 
@@ -82,21 +80,6 @@ def test_rows_load_and_tokenize_as_sft_data(tmp_path):
     assert tok.decode(trained) == " " + rows[0]["answer"] + tok.eos_token
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("68", "68"), (" 68\n", "68"), ("68.", "68"), ("The answer is 68, surely", "68"), ("-5", "-5"),
-     ("+7", "7"), ("\n\n 12 then 13\n14", "12"), ("no number", "no number"), ("", "")],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
-
-
-def test_exact_match():
-    assert exact_match(" 68", "68") and exact_match("68\nmore text 70", "68")
-    assert not exact_match("680", "68") and not exact_match("6 8", "68")
-    assert not exact_match("", "") and not exact_match("   ", "68")
-
-
 def test_teacher_error_forgets_borrows_in_training_replies_only():
     from data_tools.synthetic import needs_borrow, solve
 
@@ -138,3 +121,17 @@ def test_replies_per_problem_repeats_each_problem_with_its_own_teacher_draw():
     assert mixed > 50
     with pytest.raises(ValueError, match="replies_per_problem"):
         arithmetic_splits(10, 10, seed=0, replies_per_problem=0)
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = write_jsonl([{"a": "é"}], tmp_path / "sub" / "x.jsonl")
+    assert path.read_text(encoding="utf-8") == '{"a": "é"}\n'
+
+    def broken():
+        yield {"a": 2}
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(broken(), path)
+    assert path.read_text(encoding="utf-8") == '{"a": "é"}\n'  # the old file stays whole
+    assert [p.name for p in path.parent.iterdir()] == ["x.jsonl"]  # and no temporary file is left

@@ -50,7 +50,7 @@ CONNECT = "import socket; socket.create_connection(('127.0.0.1', {port}), timeou
 
 PROGRAMS = {
     "honest": "print('pwned')",  # not an attack: shows that a run which gets this far scores 1
-    # seen in the issue, running as root
+    # escaped the earlier audit-hook-only sandbox when run as root: a shell writes outside it
     "posixsubprocess_shell_writes_outside": (
         "os.waitpid(spawn(['/bin/sh', '-c', 'echo pwned > ' + T + '/shell.txt']), 0)\n"
         "print(open(T + '/shell.txt').read().strip())"

@@ -2,7 +2,7 @@ import pytest
 
 from rewards import RewardConfigError, build_rewards
 from rewards.accuracy import exact_match_reward, math_reward
-from rewards.extract import after_marker, extract_answer, last_boxed, last_number, normalize
+from rewards.extract import after_marker, extract_answer, last_boxed, last_number, last_number_matches, normalize
 
 
 @pytest.fixture
@@ -62,6 +62,21 @@ def test_extract_helpers():
 )
 def test_exact_match(completion, answer, params, expected):
     assert exact_match_reward(["q"], [completion], answer=[answer], **params) == [expected]
+
+
+# (reply, answer, match): the rule the greedy exact-match eval and the exact_match reward's defaults share
+LAST_NUMBER_CASES = [
+    ("68", "68", True), (" 68\n", "68", True), ("68.", "68", True), ("The answer is 68, surely", "68", True),
+    ("-5", "-5", True), ("+7", "7", True), ("68.0", "68", True), ("1,234", "1234", True),
+    ("12 then 13\n68", "68", True), ("68\nmore text 70", "68", False),  # the last number counts
+    ("680", "68", False), ("6 8", "68", False), ("no number", "68", False), ("", "", False), ("   ", "68", False),
+]
+
+
+@pytest.mark.parametrize(("reply", "answer", "match"), LAST_NUMBER_CASES)
+def test_last_number_matches_is_the_exact_match_reward_default(reply, answer, match):
+    assert last_number_matches(reply, answer) is match
+    assert exact_match_reward(["q"], [reply], answer=[answer]) == [None if not answer.strip() else float(match)]
 
 
 def test_exact_match_gold_extraction_and_missing_gold():

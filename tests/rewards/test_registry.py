@@ -1,4 +1,5 @@
 import logging
+import math
 import textwrap
 
 import pytest
@@ -104,9 +105,11 @@ def test_score_weighted_sum_skips_none():
     assert errors == {"half": 0, "maybe": 0}
 
 
-def test_all_none_row_scores_zero():
-    total, _, _ = score([WeightedReward("none", _const(None))], ["p"], ["a"])
-    assert total == [0.0]
+def test_all_none_row_is_unscorable_nan():
+    """TRL's rule: a row every reward returned None for is NaN (advantage 0), not 0.0."""
+    maybe = WeightedReward("maybe", lambda prompts, completions, **kw: [None, 2.0])
+    total, _, _ = score([WeightedReward("none", _const(None)), maybe], ["p", "q"], ["a", "b"])
+    assert math.isnan(total[0]) and total[1] == 2.0
 
 
 def test_raising_reward_is_logged_counted_and_others_continue(caplog):
@@ -125,7 +128,7 @@ def test_raising_reward_is_logged_counted_and_others_continue(caplog):
 @pytest.mark.parametrize("bad", [lambda p, c, **kw: [1.0], lambda p, c, **kw: ["x"] * len(c)])
 def test_malformed_output_counts_as_error(bad):
     total, per_function, errors = score([WeightedReward("bad", bad)], ["p", "q"], ["a", "b"])
-    assert errors == {"bad": 1} and per_function["bad"] == [None, None] and total == [0.0, 0.0]
+    assert errors == {"bad": 1} and per_function["bad"] == [None, None] and all(map(math.isnan, total))
 
 
 def test_columns_reach_rewards_and_params_win():
@@ -145,5 +148,9 @@ def test_trl_adapter_and_metrics():
     funcs, weights = rewards.trl_reward_funcs(built)
     assert funcs[0].__name__ == "format" and weights == [2.0]
     assert funcs[0](prompts=["p"], completions=["<think>x</think><answer>y</answer>"], completion_ids=[[1]]) == [1.0]
-    metrics = rewards.reward_metrics({"f": [1.0, None, 0.0]}, {"f": 1})
-    assert metrics == {"rewards/f/mean": 0.5, "rewards/f/applicable": 2.0, "rewards/f/errors": 1.0}
+    metrics = rewards.reward_metrics({"f": [1.0, None, 0.0], "g": [None, None, 2.0]}, {"f": 1}, [1.0, math.nan, 2.0])
+    assert metrics == pytest.approx({
+        "rewards/f/mean": 0.5, "rewards/f/std": math.sqrt(0.5), "rewards/f/errors": 1.0,
+        "rewards/g/mean": 2.0, "rewards/g/std": math.nan, "rewards/g/errors": 0.0,
+        "reward/mean": 1.5, "reward/std": math.sqrt(0.5),  # the unscorable row is left out, as TRL does
+    }, nan_ok=True)

@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from align.train.advantages import ADVANTAGE_EPS, combine_rewards, group_advantages, nanstd, reward_std
+from align.train.advantages import ADVANTAGE_EPS, group_advantages, nanstd, reward_std
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, k3_kl, mask_truncated_completions
+from rewards import WeightedReward, combine_scores, score
 
 # ---------------------------------------------------------------------------------------------
 # Hand-computed cases
@@ -51,12 +52,27 @@ def test_group_advantages_nan_and_zero_std() -> None:
     assert torch.isnan(nanstd(torch.tensor([2.0, float("nan")])))
 
 
-def test_combine_rewards_weights_and_unscorable() -> None:
-    per_func = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")], [2.0, 3.0]])
-    combined = combine_rewards(per_func, [1.0, 0.5])
-    torch.testing.assert_close(combined, torch.tensor([1.0, float("nan"), 3.5]), equal_nan=True)
+def test_combine_scores_weights_and_unscorable() -> None:
+    per_func = [[1.0, None, 2.0], [float("nan"), None, 3.0]]  # two functions, three rows
+    combined = combine_scores(per_func, [1.0, 0.5])
+    assert combined[0] == 1.0 and math.isnan(combined[1]) and combined[2] == 3.5
     with pytest.raises(ValueError, match="reward weights"):
-        combine_rewards(per_func, [1.0])
+        combine_scores(per_func, [1.0])
+
+
+def test_all_none_row_gets_advantage_zero_and_leaves_its_group_alone() -> None:
+    """The RL loop's path (rewards.score -> float32 tensor -> group_advantages): a completion no reward
+    scored has advantage 0, and its siblings' advantages are those of the group without it."""
+    values = [1.0, None, 3.0, 5.0, 2.0, 2.0, 2.0, 4.0]  # two groups of G = 4; row 1 unscorable
+
+    def reward(prompts, completions, **_):
+        return [values[int(c)] for c in completions]
+
+    totals, _, _ = score([WeightedReward("r", reward, weight=2.0)], ["p"] * 8, [str(i) for i in range(8)])
+    adv = group_advantages(torch.tensor(totals, dtype=torch.float32), group_size=4)
+    s = 4.0 + ADVANTAGE_EPS  # group 1 without row 1: weighted {2, 6, 10}, mean 6, unbiased std 4
+    expected = [-4 / s, 0.0, 0.0, 4 / s, *group_advantages(torch.tensor([4.0, 4.0, 4.0, 8.0]), 4).tolist()]
+    torch.testing.assert_close(adv, torch.tensor(expected))
 
 
 def test_k3_kl_values() -> None:
@@ -383,14 +399,16 @@ def _generate(setup: TRLSetup, seed: int) -> dict[str, Tensor]:
     return setup.trainer._generate_and_score_completions(setup.batch)
 
 
+@pytest.mark.parametrize("seed", [3, 4])  # seed 4 draws rows every reward returns None for (unscorable)
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
-def test_advantages_match_trl(trl_setup: TRLSetup, monkeypatch: pytest.MonkeyPatch, scale_rewards) -> None:
+def test_advantages_match_trl(trl_setup: TRLSetup, monkeypatch: pytest.MonkeyPatch, scale_rewards, seed) -> None:
     tr = trl_setup.trainer
     monkeypatch.setattr(tr, "scale_rewards", scale_rewards)
-    out = _generate(trl_setup, seed=3)
+    out = _generate(trl_setup, seed=seed)
     per_func = torch.tensor([list(tr._logs["rewards"][n])[-BATCH:] for n in tr.reward_func_names]).T
-    rewards = combine_rewards(per_func, REWARD_WEIGHTS)
+    rewards = torch.tensor(combine_scores(per_func.T.tolist(), REWARD_WEIGHTS), dtype=torch.float32)
     assert torch.isnan(per_func).any() and rewards.unique().numel() > 2
+    assert torch.isnan(per_func).all(dim=1).any() == (seed == 4)
     adv = group_advantages(rewards, NUM_GENERATIONS, scale_rewards)
     torch.testing.assert_close(adv, out["advantages"], rtol=1e-6, atol=1e-6)
     zero_std = torch.isclose(reward_std(rewards, NUM_GENERATIONS, scale_rewards), torch.tensor(0.0))

@@ -55,7 +55,7 @@ def test_overwrite_deletes_the_earlier_run(earlier):
 
 
 def test_latest_continues_only_a_checkpoint_of_the_same_recipe(earlier):
-    # the issue: a shorter recipe resumed the earlier run's last step, trained nothing, exited 0
+    # the failure guarded against: a shorter recipe resumed the earlier run's last step, trained nothing, exited 0
     with pytest.raises(ValueError, match=r"checkpoint is at step 4, beyond this recipe's 2 steps; set train.steps"):
         run_sft(recipe(earlier, "train.steps=2", "resume_from=latest"))
     with pytest.raises(ValueError, match=r"trained with another recipe .*data.synthetic.train: 64 -> 80; "

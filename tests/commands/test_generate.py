@@ -1,4 +1,4 @@
-"""`align generate` logic: JSONL prompts in, JSONL completions out; interactive chat on stdin."""
+"""`align generate` (align.commands.generate): JSONL prompts in, JSONL completions out; interactive chat on stdin."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from align.generation.cli import add_generate_parser, main_generate
+from align.cli import build_parser, main
+from align.commands.generate import main_generate
 from align.models import build_model
 
 
@@ -20,9 +21,7 @@ def model_dir(tmp_path_factory):
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="align")
-    add_generate_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["generate", *argv])
+    return build_parser().parse_args(["generate", *argv])
 
 
 def test_jsonl_prompts_to_jsonl(model_dir, tmp_path):
@@ -70,3 +69,14 @@ def test_interactive_chat(model_dir, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("Assistant:") == 3
     chats = [json.loads(line)["messages"] for line in out.read_text().splitlines()]
     assert [[m["role"] for m in chat] for chat in chats] == [["user", "assistant"] * 2, ["user", "assistant"]]
+
+
+def test_chat_template_by_name_and_the_old_spelling(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    common = ["--prompts", str(prompts), "--tokenizer", "tiny", "--max-new-tokens", "2", "--device", "cpu"]
+    for name in ("deepseek_v2", "deepseek-v2"):
+        assert main(["generate", str(model_dir), *common, "--chat-template", name, "--out", str(tmp_path / name)]) == 0
+    assert "deepseek-v2 is now spelt deepseek_v2" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), *common, "--chat-template", "deepseek-v3"]) == 2
+    assert "not one of 'deepseek_v2' and not a file" in capsys.readouterr().err

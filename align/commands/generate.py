@@ -13,54 +13,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from align.generation.engine import GenerationEngine
-from align.generation.requests import Completion, build_request
-
-
-def add_generate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "generate", help="sample completions from a checkpoint (JSONL prompts or interactive chat)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local checkpoint directory (config.json + safetensors)")
-    p.add_argument("--prompts", help="JSONL file of prompts; omit for an interactive chat")
-    p.add_argument("--out", help="output JSONL path (default: stdout)")
-    p.add_argument("--interactive", action="store_true", help="chat on stdin even if --prompts is given")
-    p.add_argument("--tokenizer", help="tokenizer directory or 'tiny' (default: MODEL_DIR)")
-    p.add_argument("--chat-template", help="'deepseek-v2' or a Jinja file replacing the tokenizer's template")
-    p.add_argument("--system", help="system message for interactive chat")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop id (repeatable)")
-    p.add_argument("--max-batch", type=int, default=256, help="sequences decoded together")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
-    p.add_argument("--device", default="auto", help="auto (cuda:0 when present), cpu, cuda, cuda:1, ...")
-    p.set_defaults(func=main_generate)
-    return p
+if TYPE_CHECKING:  # torch and the engine load when the command runs, not when `align --help` builds its parser
+    from align.generation.engine import GenerationEngine
+    from align.generation.requests import Completion
 
 
 def load_tokenizer(path: str, chat_template: str | None):
-    """data_tools' loader (local directory or 'tiny'), with an optional template override."""
-    from data_tools.tokenizer import DEEPSEEK_V2_CHAT_TEMPLATE
+    """data_tools' loader (local directory or 'tiny'), with an optional template override: a name
+    from data_tools.tokenizer.CHAT_TEMPLATES (as in recipes' tokenizer.chat_template) or a Jinja file."""
+    from data_tools.tokenizer import CHAT_TEMPLATES
     from data_tools.tokenizer import load_tokenizer as load
 
-    template = None
     if chat_template == "deepseek-v2":
-        template = DEEPSEEK_V2_CHAT_TEMPLATE
+        print("warning: --chat-template deepseek-v2 is now spelt deepseek_v2, as in recipes; the old spelling "
+              "will stop working", file=sys.stderr)
+        chat_template = "deepseek_v2"
+    template = None
+    if chat_template in CHAT_TEMPLATES:
+        template = CHAT_TEMPLATES[chat_template]
     elif chat_template is not None:
         file = Path(chat_template)
         if not file.is_file():
-            raise FileNotFoundError(f"--chat-template {chat_template!r}: not 'deepseek-v2' and not a file")
+            names = ", ".join(map(repr, CHAT_TEMPLATES))
+            raise FileNotFoundError(f"--chat-template {chat_template!r}: not one of {names} and not a file")
         template = file.read_text()
     return load(path, chat_template=template)
 
@@ -100,15 +79,13 @@ def completion_json(tokenizer, completion: Completion) -> dict:
 
 
 def write_jsonl(rows: list[dict], out: str | None) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    """To the file `out` atomically (data_tools.jsonl), or to stdout when `out` is None."""
+    from data_tools.jsonl import write_jsonl as write_file
+
     if out is None:
-        sys.stdout.write(text)
-        return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    else:
+        write_file(rows, out)
 
 
 def sampling_kwargs(args, tokenizer) -> dict:
@@ -158,6 +135,10 @@ def run_chat(args, engine: GenerationEngine, tokenizer) -> None:
 
 
 def main_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from align.generation.engine import GenerationEngine
+    from align.generation.requests import build_request
     from align.models import DeepseekV2ForCausalLM
 
     model_dir = Path(args.model_dir)
