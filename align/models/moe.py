@@ -58,7 +58,7 @@ class Routing(NamedTuple):
         if token_mask is not None:
             hits = hits * token_mask.reshape(-1, 1).to(hits.dtype)  # [T, k]
         counts = torch.zeros(n_experts, dtype=torch.long, device=self.experts.device)
-        return counts.index_add_(0, self.experts.reshape(-1), hits.reshape(-1))
+        return counts.index_add_(0, self.experts.reshape(-1), hits.reshape(-1))  # [T*k] slots into [E]
 
 
 class RoutingTrace:
