@@ -14,7 +14,6 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from align.generation.attention import decode_attention
 from align.generation.cache import LatentCache
 from align.generation.forward import decode_logits
 from align.models import build_model
@@ -55,14 +54,12 @@ def layer_parts(model, cache, batch: int, attend: int) -> None:
     flat = x[:, 0]
     weights, experts, _ = layer.mlp.gate(flat)
     parts = {
-        "attention": (lambda: decode_attention(layer.self_attn, x, cos, sin, cache, 1, positions, attend),
+        "attention": (lambda: layer.self_attn.decode(x, cos, sin, cache.layer(1), positions, attend),
                       nbytes(layer.self_attn)),
         "gate": (lambda: layer.mlp.gate(flat), nbytes(layer.mlp.gate)),
         "routed experts": (lambda: layer.mlp.experts(flat, weights, experts), nbytes(layer.mlp.experts)),
         "shared experts": (lambda: layer.mlp.shared_experts(x), nbytes(layer.mlp.shared_experts)),
-        "whole layer": (lambda: layer.mlp(layer.post_attention_layernorm(
-            x + decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, 1, positions, attend))),
-            nbytes(layer)),
+        "whole layer": (lambda: layer.decode(x, None, cos, sin, cache.layer(1), positions, attend), nbytes(layer)),
     }
     hit = int(torch.unique(experts).numel())
     n_experts = layer.mlp.gate.n_experts
@@ -95,10 +92,10 @@ def expert_gemms(model, batch: int) -> None:
 
 def variants(model, cache, tokens, positions, attend: int) -> None:
     """Graph step time of the decode step run eagerly and under torch.compile variants."""
-    import align.generation.attention as attention
+    import align.kernels.mla_decode as mla_decode
     import align.kernels.moe_experts as moe  # where the expert path calls grouped_linear
 
-    attention._bmm_out_dtype_works = lambda device, dtype: True  # the probe is not traceable
+    mla_decode._bmm_out_dtype_works = lambda device, dtype: True  # the probe is not traceable
     step = lambda fn: graph_ms(lambda: fn(model, cache, tokens, positions, attend), reps=20)  # noqa: E731
     with torch.no_grad():
         print("\nvariants (CUDA-graph step time)")

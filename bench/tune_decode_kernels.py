@@ -11,9 +11,9 @@ import torch
 import triton
 from profile_decode import graph_ms  # bench/ is on the path when this script runs
 
-from align.kernels import mla_decode_triton, moe_route_triton
-from align.kernels.moe_experts import expert_mlp, expert_mlp_reference
-from align.kernels.moe_route import sort_by_expert_reference
+from align.kernels import moe_experts_triton, moe_route_triton
+from align.kernels.mla_decode import _latent_attention_triton
+from align.kernels.moe_experts import _expert_mlp_triton, expert_mlp_reference, sort_by_expert_reference
 
 
 def graph_us(fn, reps: int = 100) -> float:
@@ -32,7 +32,7 @@ def tune_sort(batch: int, k: int = 6, n_experts: int = 64) -> None:
     for block_n in (64, 128, 256, 512):
         for warps in (4, 8, 16):
             def run(bn=block_n, w=warps):
-                moe_route_triton.sort_kernel[(1,)](
+                moe_experts_triton.sort_kernel[(1,)](
                     experts, source, position, ends, n, k, n_experts, BLOCK_N=bn, BLOCK_E=64, num_warps=w
                 )
             us = graph_us(run)
@@ -84,8 +84,8 @@ def tune_experts(batch: int, k: int = 6, n_experts: int = 64, hidden: int = 2048
                 for stages in (3, 4):
                     cfg = {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
                     try:
-                        out = expert_mlp(x, source, ends, gate_up, down, **cfg)
-                        us = graph_us(lambda c=cfg: expert_mlp(x, source, ends, gate_up, down, **c), reps=20)
+                        out = _expert_mlp_triton(x, source, ends, gate_up, down, **cfg)
+                        us = graph_us(lambda c=cfg: _expert_mlp_triton(x, source, ends, gate_up, down, **c), reps=20)
                     except Exception as err:  # out of shared memory at large tiles
                         print(f"  {cfg}: failed ({type(err).__name__})")
                         continue
@@ -107,11 +107,9 @@ def tune_attention(batch: int, attend: int, heads: int = 16, rank: int = 512, ro
         for warps in (4, 8):
             for stages in (1, 2, 3):
                 def run(bt=block_t, w=warps, s=stages):
-                    mla_decode_triton.latent_attention_kernel[(batch,)](
-                        q_latent, q_latent.stride(0), q_latent.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
-                        cos, sin, cos.stride(0), rows, rows.stride(0), rows.stride(1), positions,
-                        out, out.stride(0), out.stride(1), 0.1, heads, R=rank, P2=rope // 2, BLOCK_H=16,
-                        BLOCK_R=rank, BLOCK_P2=rope // 2, BLOCK_T=bt, INTERLEAVED=True, num_warps=w, num_stages=s,
+                    _latent_attention_triton(
+                        q_latent, q_pe, cos, sin, rows, positions, 0.1, True, out=out,
+                        block_t=bt, num_warps=w, num_stages=s,
                     )
                 try:
                     us = graph_us(run)

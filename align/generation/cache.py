@@ -58,7 +58,25 @@ class LatentCache:
         row = torch.cat([c, k_pe], dim=-1).to(self.data.dtype)  # [N, kv_rank + rope]
         self.data[layer].index_put_((slot, pos), row)
 
+    def writer(self, slot: torch.Tensor, pos: torch.Tensor) -> PrefillWriter:
+        """The `cache` a packed prefill hands the model (DeepseekV2Model.fill_cache): token i of the
+        pass goes to (slot[i], pos[i]); slot/pos [S]."""
+        return PrefillWriter(self, slot, pos)
+
     def copy_prefix(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy positions [0, length) of slots src[i] into slots dst[i], all layers; src/dst [N] int64."""
         if length > 0 and dst.numel():
             self.data[:, dst, :length] = self.data[:, src, :length]  # [L, N, length, D]
+
+
+class PrefillWriter:
+    """The transformers-Cache call MLA.forward makes (`update(c, k_pe, layer)` -> the latents to
+    attend over), for a packed prefill: stores the pass's latents [1, 1, S, d] in the latent cache
+    and returns them unchanged (each prompt attends within itself, nothing cached before)."""
+
+    def __init__(self, cache: LatentCache, slot: torch.Tensor, pos: torch.Tensor):
+        self.cache, self.slot, self.pos = cache, slot, pos
+
+    def update(self, c: torch.Tensor, k_pe: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.write(layer, self.slot, self.pos, c[0, 0], k_pe[0, 0])
+        return c, k_pe

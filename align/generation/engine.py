@@ -25,7 +25,7 @@ from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.sampling import SamplingParams, choose
 from align.kernels.dispatch import triton_enabled
-from align.kernels.grouped_mm import grouped_mm_available
+from align.kernels.grouped_mm import grouped_linear_sync_free
 
 STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
 
@@ -89,7 +89,7 @@ class GenerationEngine:
         self.prefill_tokens, self.attend_bucket = prefill_tokens, attend_bucket
         # by default only where the MoE step is sync-free (grouped GEMM); a failed capture can leave
         # the CUDA RNG in capture mode, so it is not attempted where it is known to fail
-        capturable = grouped_mm_available(self.device, self.dtype)
+        capturable = grouped_linear_sync_free(self.device, self.dtype)
         self.use_graphs = capturable if cuda_graphs is None else bool(cuda_graphs)
         # torch.compile fuses the step's elementwise work (norms, rope, casts) into fewer kernels
         self.decode = torch.compile(decode_logits, dynamic=False) if compile else decode_logits

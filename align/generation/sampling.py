@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.kernels.sample_rows import fused_sampling_available, sample_rows
+from align.kernels.sample_rows import gumbel, sample_rows
 
 
 @dataclass(frozen=True)
@@ -59,25 +59,16 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
 
 
-def gumbel(uniform: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise from uniform [0, 1) samples."""
-    tiny = torch.finfo(uniform.dtype).tiny
-    return -torch.log(-torch.log(uniform.clamp_min(tiny)))
-
-
 def choose(
     logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (token [B] int64, its log-probability [B] float32, see module doc).
 
-    uniform [B, V] in [0, 1), required unless greedy. Without top-k/top-p on CUDA, one Triton
-    launch computes the same (align/kernels/sample_rows.py).
+    uniform [B, V] in [0, 1), required unless greedy. Greedy (where top-k/top-p change nothing) and
+    plain temperature sampling are align/kernels/sample_rows.py's op (one Triton launch on CUDA).
     """
-    if params.top_k == 0 and params.top_p >= 1.0 and fused_sampling_available(logits):
+    if params.greedy or (params.top_k == 0 and params.top_p >= 1.0):
         return sample_rows(logits, uniform, params.temperature)
-    if params.greedy:
-        token = logits.argmax(-1)  # [B]
-        return token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
     scaled = logits / params.temperature
     keep = truncate(scaled, params.top_k, params.top_p)
     token = (keep + gumbel(uniform)).argmax(-1)  # Gumbel-max: a draw from softmax(keep)

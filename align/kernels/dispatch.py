@@ -1,5 +1,9 @@
-"""When the Triton inference kernels run (CUDA tensors, Triton importable, not switched off), and
-what their launchers share.
+"""When the Triton inference kernels run (CUDA tensors, Triton importable, not switched off, no
+autograd through them), and what their launchers share.
+
+Each op family in align/kernels exports one public function that asks `kernel_path` (plus its own
+dtype and size limits) and runs either its Triton launcher or its PyTorch reference; callers never
+ask themselves.
 
 `use_triton(False)` (a context manager) or the environment variable ALIGN_TRITON=0 sends every
 op back to its PyTorch reference - for debugging, and to measure what the kernels change. The
@@ -47,6 +51,17 @@ def triton_ready(t: torch.Tensor, half: bool = False) -> bool:
     if not _enabled or not t.is_cuda or (half and t.dtype not in (torch.bfloat16, torch.float16)):
         return False
     return _importable()
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a result computed from these tensors must carry a gradient (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def kernel_path(*tensors: torch.Tensor, half: bool = False) -> bool:
+    """Whether a forward-only Triton kernel serves a call on these tensors: the first is on CUDA
+    (16-bit if half), the switch is on, Triton imports, and no gradient must flow through the result."""
+    return triton_ready(tensors[0], half) and not needs_autograd(*tensors)
 
 
 def pow2_block(n: int, least: int = 16) -> int:

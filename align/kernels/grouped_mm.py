@@ -41,8 +41,9 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, ends: torch.
     return out[group, rank]
 
 
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the sync-free grouped-GEMM path runs on this device and dtype (given aligned dims)."""
+def grouped_linear_sync_free(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_linear runs without host synchronisation on this device and dtype (given aligned
+    dims): the grouped GEMM, not the padded reference. What CUDA-graph capture of a MoE step needs."""
     device = torch.device(device)
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
@@ -50,7 +51,7 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if weight.dtype != x.dtype or not grouped_mm_available(x.device, x.dtype):
+    if weight.dtype != x.dtype or not grouped_linear_sync_free(x.device, x.dtype):
         return False
     return x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0
 

@@ -1,17 +1,28 @@
-"""Routed-expert SwiGLU MLP for small token counts (the decode step), inference only.
+"""Routed experts of a MoE layer: sort the routed slots by expert, run each expert's SwiGLU MLP on
+its rows, and combine each token's k outputs, weighted.
 
-`expert_mlp(x, source, ends, gate_up_proj, down_proj)` computes, for the rows sorted by expert
-(align/kernels/moe_route.py: row r reads token source[r]; expert e owns rows [ends[e-1], ends[e])),
-    h[r]   = silu(x[source[r]] @ W_gate[e].T) * (x[source[r]] @ W_up[e].T)     [N, I]
-    out[r] = h[r] @ W_down[e].T                                              [N, H]
-with the layouts of align/models/moe.py (gate_up_proj [E, 2I, H], gate rows first; down_proj
-[E, H, I]) and the same roundings as the grouped-GEMM path (each product rounded to the weight
-dtype before the SwiGLU).
+`routed_experts(x, weights, experts, gate_up_proj, down_proj)` computes, for x [T, H] and the
+gate's weights / experts [T, k], sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) -> [T, H], with
+the layouts of align/models/moe.py (gate_up_proj [E, 2I, H], gate rows first; down_proj [E, H, I]).
+Steps:
+- sort: for the T*k routed slots (token t's j-th choice is slot t*k + j), a stable order grouped by
+  expert: `source` [T*k] (the token each sorted row reads), `position` [T, k] (the sorted row of
+  each slot), `ends` [E] int32 (the end row of each expert's block: the grouped GEMM's offsets);
+- expert MLP on the sorted rows (each product rounded to the weight dtype before the SwiGLU):
+      h[r]   = silu(x[source[r]] @ W_gate[e].T) * (x[source[r]] @ W_up[e].T)     [N, I]
+      out[r] = h[r] @ W_down[e].T                                              [N, H]
+- combine: each token's k rows, weighted, summed in a fixed order (no atomics), so results repeat
+  bit for bit.
 
-Two Triton launches, one program per (expert, block of output features). At decode sizes each
-expert owns a handful of rows, and the grouped GEMM's large row tiles leave bandwidth unused; here
-the row tile is as small as the tensor cores allow (16), the token gather happens inside the first
-kernel, the SwiGLU inside its epilogue, and an expert without rows reads none of its weights.
+No step synchronises with the host, so the decode step can be CUDA-graph captured. Training and
+large batches take the references (stable argsort; grouped_linear, align/kernels/grouped_mm.py;
+gather, scale, sum). Without autograd on CUDA the decode sizes take Triton kernels: one program
+counts and ranks all slots (at most SORT_MAX_SLOTS), the combine reads each token's k rows once,
+and the expert MLP (16-bit, at most MAX_TOKENS tokens) is two launches, one program per (expert,
+block of output features): at decode sizes each expert owns a handful of rows and the grouped GEMM's
+large row tiles leave bandwidth unused; here the row tile is as small as the tensor cores allow
+(16), the token gather happens inside the first kernel, the SwiGLU inside its epilogue, and an
+expert without rows reads none of its weights.
 """
 
 from __future__ import annotations
@@ -19,19 +30,99 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
+from align.kernels.dispatch import kernel_path, pow2_block, require_contiguous_last_dim
 from align.kernels.grouped_mm import grouped_linear
+from align.kernels.moe_route import SORT_MAX_SLOTS
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
+
+
+def routed_experts(
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype."""
+    n_experts = gate_up_proj.shape[0]
+    fused = experts.numel() <= SORT_MAX_SLOTS and kernel_path(x, weights, gate_up_proj, down_proj)
+    sort = _sort_by_expert_triton if fused else sort_by_expert_reference
+    source, position, ends = sort(experts, n_experts)
+    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj)  # [T*k, H], sorted by expert
+    return (_combine_triton if fused else combine_reference)(out, position, weights).to(x.dtype)
+
+
+def _expert_mlp(
+    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype: the MLP of the sorted rows."""
+    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS
+    if same and kernel_path(x, gate_up_proj, down_proj, half=True):
+        return _expert_mlp_triton(x, source, ends, gate_up_proj, down_proj)
+    return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj)
+
+
+# ----------------------------------------------------------------------------- references
+def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """experts [T, k] int -> (source [T*k] int64, position [T, k] int64, ends [E] int32)."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)  # [T*k]
+    order = flat.argsort(stable=True)  # [T*k] slot of each sorted row
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))  # [E], no host sync (unlike bincount on CUDA)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+    return order // k, position.view(tokens, k), torch.cumsum(counts, 0, dtype=torch.int32)
 
 
 def expert_mlp_reference(
     x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:
-    """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype, through grouped_linear (the
-    path MoE takes for training, prefill and wherever the kernel does not run)."""
+    """As _expert_mlp, through grouped_linear (training, prefill, and wherever the kernel does not run)."""
     gate, up = grouped_linear(x[source], gate_up_proj, ends).chunk(2, dim=-1)  # [N, I] each
     return grouped_linear(F.silu(gate) * up, down_proj, ends)
+
+
+def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out [T*k, H] sorted rows, position/weights [T, k] -> sum_j weights[t, j] * out[position[t, j]], [T, H].
+
+    Products in out's dtype, summed in a fixed order (no atomics), so results repeat bit for bit.
+    """
+    gathered = out[position.reshape(-1)].view(*position.shape, -1)  # [T, k, H]
+    return (gathered * weights[..., None].to(out.dtype)).sum(1)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _sort_by_expert_triton(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """As sort_by_expert_reference, in one single-program launch (up to SORT_MAX_SLOTS slots)."""
+    from align.kernels import moe_experts_triton  # Triton only where the kernels run
+
+    tokens, k = experts.shape
+    if tokens * k > SORT_MAX_SLOTS:
+        raise ValueError(f"sort_by_expert takes at most {SORT_MAX_SLOTS} routed slots, got {tokens * k}")
+    flat = experts.reshape(-1).contiguous()  # [T*k]
+    source = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
+    position = torch.empty(tokens * k, dtype=torch.long, device=flat.device)
+    ends = torch.empty(n_experts, dtype=torch.int32, device=flat.device)
+    moe_experts_triton.sort_kernel[(1,)](  # 128-slot blocks, 4 warps: fastest at 384 slots (tune_decode_kernels.py)
+        flat, source, position, ends, tokens * k, k, n_experts, BLOCK_N=128, BLOCK_E=pow2_block(n_experts), num_warps=4
+    )
+    return source, position.view(tokens, k), ends
+
+
+def _combine_triton(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """As combine_reference; one program per (token, block of H)."""
+    import triton
+
+    from align.kernels import moe_experts_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("combine", out=out)
+    tokens, k = position.shape
+    hidden = out.shape[1]
+    result = torch.empty(tokens, hidden, dtype=out.dtype, device=out.device)
+    block = 1024
+    moe_experts_triton.combine_kernel[(tokens, triton.cdiv(hidden, block))](
+        out, out.stride(0), position.contiguous(), weights.contiguous(), result, hidden,
+        K=k, BLOCK_H=block,
+    )
+    return result
 
 
 def _row_block(rows: int, experts: int) -> int:
@@ -40,14 +131,11 @@ def _row_block(rows: int, experts: int) -> int:
     return min(64, max(16, 1 << (want - 1).bit_length()))
 
 
-CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
-
-
-def expert_mlp(
+def _expert_mlp_triton(
     x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-    **config,
+    block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 4,
 ) -> torch.Tensor:
-    """As expert_mlp_reference, in two launches; config overrides CONFIG's tile sizes."""
+    """As _expert_mlp, in two launches; the tile knobs are for bench/tune_decode_kernels.py."""
     import triton
 
     from align.kernels import moe_experts_triton as kernels  # Triton only where the kernels run
@@ -55,9 +143,8 @@ def expert_mlp(
     n_experts, inter2, hidden = gate_up_proj.shape
     inter, rows = inter2 // 2, source.shape[0]
     require_contiguous_last_dim("expert_mlp", x=x, gate_up_proj=gate_up_proj, down_proj=down_proj)
-    config = {**CONFIG, **config}
-    block_m, block_n, block_k = _row_block(rows, n_experts), config["block_n"], config["block_k"]
-    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    block_m = _row_block(rows, n_experts)
+    launch = {"num_warps": num_warps, "num_stages": num_stages}
     h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     kernels.gate_up_kernel[(n_experts, triton.cdiv(inter, block_n))](
         x, x.stride(0), source, ends, gate_up_proj, gate_up_proj.stride(0), gate_up_proj.stride(1), h,
@@ -69,10 +156,3 @@ def expert_mlp(
         hidden, inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch
     )
     return out
-
-
-def fused_experts_available(x: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
-    """CUDA, 16-bit, no autograd, at most MAX_TOKENS tokens, weights in x's dtype."""
-    if torch.is_grad_enabled() or x.shape[0] > MAX_TOKENS or gate_up_proj.dtype != x.dtype:
-        return False
-    return triton_ready(x, half=True)

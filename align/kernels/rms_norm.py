@@ -1,17 +1,17 @@
-"""RMSNorm, and residual add + RMSNorm in one pass for the decode step (inference only).
+"""RMSNorm, and residual add + RMSNorm in one pass for the decode step.
 
 `rms_norm_reference(x, weight, eps)` is the formula the model's RMSNorm (align/models/norm.py)
 applies: normalised in float32, rounded to x's dtype, then scaled by the weight in x's dtype.
 `add_rms_norm(x, delta, weight, eps)` returns (x + delta, RMSNorm(x + delta)), the sum rounded
-to x's dtype. delta=None normalises x alone. One program
-per row replaces the half-dozen elementwise launches of the PyTorch form.
+to x's dtype. delta=None normalises x alone. On CUDA in 16-bit without autograd one Triton program
+per row replaces the half-dozen elementwise launches of the PyTorch form; elsewhere the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from align.kernels.dispatch import pow2_block
+from align.kernels.dispatch import kernel_path, pow2_block
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,6 +30,16 @@ def add_rms_norm_reference(
 
 
 def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta [..., H] (delta may be None), weight [H] -> (x + delta, normalised x + delta)."""
+    operands = (x, weight) if delta is None else (x, weight, delta)
+    if weight.dtype == x.dtype and kernel_path(*operands, half=True):
+        return _add_rms_norm_triton(x, delta, weight, eps)
+    return add_rms_norm_reference(x, delta, weight, eps)
+
+
+def _add_rms_norm_triton(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As add_rms_norm_reference, one Triton program per row (inputs made contiguous)."""

@@ -1,9 +1,17 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1), training / prefill path.
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1): one module, two paths over the same weights.
 
 Per token: query (optionally through a low-rank q_a/q_b pair), a compressed KV latent c of rank
-`kv_lora_rank` plus one shared rotary key k_pe of `qk_rope_head_dim`. Keys and values are
-decompressed from c through `kv_b_proj`; the decode path (absorbed form, latent cache) lives in
-align/generation and reuses these weights.
+`kv_lora_rank` plus one shared rotary key k_pe of `qk_rope_head_dim`.
+
+`forward` (training, prefill): keys and values are decompressed from c through `kv_b_proj`, then
+attention over packed sequences.
+
+`decode` (one new token per cache slot) never decompresses the latent cache:
+    q_latent = q_nope · W_UK                        [B, h, kv_rank]   (W_UK: key half of kv_b_proj)
+    scores   = [q_latent | q_pe] · [c | k_pe]ᵀ      [B, h, T]         (one product over the cached rows)
+    out      = softmax(scores * scale) · c · W_UVᵀ  [B, h, v]         (W_UV: value half of kv_b_proj)
+then `o_proj`. W_UK / W_UV come from the live `kv_b_proj` through `effective_weight`, so a LoRA
+adapter on it is honoured; every other projection is called as the module it is.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.kernels.mla_decode import latent_attention, write_latent
 from align.kernels.rope import apply_rope
+from align.models.adapters import effective_weight
 from align.models.norm import RMSNorm
 from align.models.rope import softmax_scale
 
@@ -99,10 +109,7 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Decompressed attention from query parts and latents (as from `query` / `latent`) -> [B, S, H].
-
-        Split out of `forward` so the generation prefill can keep c and k_pe for its latent cache.
-        """
+        """Decompressed attention from query parts and latents (as from `query` / `latent`) -> [B, S, H]."""
         batch, keys = c.shape[:2]
         kv = self.kv_b_proj(c).view(batch, keys, self.n_heads, self.nope_dim + self.v_dim)  # [B, T, h, nope+v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -111,6 +118,37 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, h, T, qk]
         out = sdpa(q, k, v.transpose(1, 2), mask, self.scale)  # [B, h, S, v]
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_nope.shape[1], self.n_heads * self.v_dim))
+
+    def write_latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> None:
+        """Hand x's latents [B, 1, S, d] to `cache.update` (as `forward` does) without attending."""
+        c, k_pe = self.latent(x, cos, sin)
+        cache.update(c[:, None], k_pe[:, None], self.layer_idx)
+
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+        attend_len: int,
+    ) -> torch.Tensor:
+        """One token per cache slot, absorbed form: x [B, 1, H], cos/sin [B, 1, rope/2] -> [B, 1, H].
+
+        rows [slots >= B, max_len, kv_rank + rope]: this layer's latent cache. Slot b's latent is
+        written at positions[b], then its query attends to rows [0, positions[b]]; attend_len (static,
+        above every live position) bounds the rows read. No host reads: CUDA-graph capturable.
+        """
+        batch, heads = x.shape[0], self.n_heads
+        cos, sin = cos[:, 0], sin[:, 0]  # [B, rope/2]
+        norm = self.kv_a_layernorm
+        kv = self.kv_a_proj_with_mqa(x)[:, 0]  # [B, rank + rope]
+        write_latent(kv, norm.weight, norm.eps, cos, sin, rows, positions, self.interleaved)
+        q = self.query_states(x)[:, 0]  # [B, h, nope + rope]
+        w_uk, w_uv = self.absorbed_weights(effective_weight(self.kv_b_proj))  # [h, nope, rank], [h, v, rank]
+        q_latent = torch.bmm(q[..., : self.nope_dim].transpose(0, 1), w_uk)  # [h, B, rank]
+        out_latent = torch.empty_like(q_latent)  # [h, B, rank], written through a [B, h, rank] view
+        latent_attention(
+            q_latent.transpose(0, 1), q[..., self.nope_dim :], cos, sin, rows[:, :attend_len], positions,
+            self.scale, self.interleaved, out=out_latent.transpose(0, 1),
+        )
+        out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [h, B, v]
+        return self.o_proj(out.transpose(0, 1).reshape(batch, 1, heads * self.v_dim))  # [B, 1, h*v] -> [B, 1, H]
 
     def absorbed_weights(self, kv_b_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two halves of `kv_b_proj` for the absorbed (decode) form, as views of `kv_b_weight`.

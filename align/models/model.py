@@ -20,7 +20,7 @@ from align.kernels.linear_logprob import linear_cross_entropy
 from align.models.checkpoint import load_model, save_model
 from align.models.config import is_moe_layer
 from align.models.mla import MLA, attention_mask_for, document_ids
-from align.models.moe import MLP, Experts, Gate, MoE
+from align.models.moe import MLP, Experts, Gate, MoE, RoutingTrace
 from align.models.norm import RMSNorm
 from align.models.rope import RotaryEmbedding
 
@@ -63,18 +63,35 @@ class DecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = MLA(config, layer_idx)
         self.is_moe = is_moe_layer(config, layer_idx)
-        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MoE(config, layer_idx) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, token_mask=None, cache=None):
+    def forward(self, x, cos, sin, mask, token_mask=None, cache=None, routing=None):
+        """x [B, S, H] -> (x + attention + feed-forward [B, S, H], balance loss or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            h, aux = self.mlp(h, token_mask)
-        else:
-            h, aux = self.mlp(h), None
+        h, aux = self.feed_forward(self.post_attention_layernorm(x), token_mask, routing)
         return x + h, aux
+
+    def feed_forward(self, h, token_mask=None, routing=None):
+        """Normalised h [B, S, H] -> (MoE or dense MLP output [B, S, H], balance loss or None)."""
+        if self.is_moe:
+            return self.mlp(h, token_mask, routing)
+        return self.mlp(h), None
+
+    def write_latents(self, x, cos, sin, cache) -> None:
+        """Hand this layer's latents for x to `cache.update` without computing the layer's output."""
+        self.self_attn.write_latents(self.input_layernorm(x), cos, sin, cache)
+
+    def decode(self, x, delta, cos, sin, rows, positions, attend_len):
+        """One token per cache slot: the residual stream x [B, 1, H] still lacking `delta` (the previous
+        layer's feed-forward output, or None) -> (x, this layer's feed-forward output) for the next
+        layer, so each residual add fuses with the norm after it. rows: this layer's latent cache
+        (MLA.decode)."""
+        x, h = self.input_layernorm.add(x, delta)
+        attn = self.self_attn.decode(h, cos, sin, rows, positions, attend_len)
+        x, h = self.post_attention_layernorm.add(x, attn)
+        return x, self.feed_forward(h)[0]
 
 
 class DeepseekV2PreTrainedModel(PreTrainedModel):
@@ -132,6 +149,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         cache: Cache | None = None,
+        routing: RoutingTrace | None = None,
         **kwargs,
     ) -> BackboneOutput:
         """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
@@ -139,6 +157,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         position_ids restarting inside a row mark packed documents: attention stays within each.
         attention_mask [B, past+S] marks padding keys (1 = real token). past_key_values: a transformers
         Cache of MLA latents (GenerationMixin.generate); the fast rollout path is align.generation.
+        routing: a RoutingTrace recording each MoE layer's routing and forcing replayed expert ids.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -156,10 +175,36 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         cos, sin = self.rotary_emb(position_ids)
         aux_total = None
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values)
+            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values, routing)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return BackboneOutput(last_hidden_state=self.norm(x), aux_loss=aux_total, **{CACHE_FIELD: past_key_values})
+
+    def fill_cache(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache
+    ) -> None:
+        """Prefill: run the layers as far as `cache` needs. Every layer hands its latents [B, 1, S, d]
+        to cache.update(c, k_pe, layer_idx), which returns the latents to attend over; the last
+        layer's output feeds nothing the cache needs, so it is not computed. ids/positions [B, S],
+        mask as from attention_mask_for (None = causal)."""
+        cos, sin = self.rotary_emb(position_ids)
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        for layer in self.layers[:-1]:
+            x, _ = layer(x, cos, sin, mask, None, cache)
+        self.layers[-1].write_latents(x, cos, sin, cache)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attend_len: int) -> torch.Tensor:
+        """One token per cache slot: tokens/positions [B] -> final hidden states [B, 1, H] (after the norm).
+
+        cache.layer(i): layer i's latent rows [slots >= B, max_len, kv_rank + rope] (MLA.decode writes
+        token b at positions[b] and attends to rows [0, positions[b]] < attend_len). Static shapes
+        and no host reads, so the call can be captured in a CUDA graph.
+        """
+        cos, sin = self.rotary_emb(positions[:, None])  # [B, 1, rope/2]
+        x, delta = self.embed_tokens(tokens[:, None]), None  # [B, 1, H]
+        for index, layer in enumerate(self.layers):
+            x, delta = layer.decode(x, delta, cos, sin, cache.layer(index), positions, attend_len)
+        return self.norm.add(x, delta)[1]
 
 
 class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
@@ -208,16 +253,18 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        routing: RoutingTrace | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
         causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
         return_logits=False skips the LM head (`last_hidden_state` is always returned); with labels
-        the loss is then computed by the fused linear cross-entropy."""
+        the loss is then computed by the fused linear cross-entropy. routing: a RoutingTrace (MoE routing
+        recorded per layer, replayed expert ids forced)."""
         past_key_values = pick_cache(past_key_values, cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        backbone = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        backbone = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, routing=routing)
         hidden, aux = backbone.last_hidden_state, backbone.aux_loss
         logits = loss = None
         if return_logits:

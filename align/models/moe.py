@@ -10,23 +10,24 @@ Routing (per token, in float32):
   `norm_topk_prob`), then scales (config.routing_weight_rule).
 The expert-level balance loss (DeepSeek-V2 §2.2, `aux_loss_alpha`, per sequence when `seq_aux`) is
 computed in training mode and returned beside the output.
+
+The routing API every routing feature builds on: `Gate.forward(x, with_scores, experts)` returns a
+`Routing` (weights, experts, scores) in any mode, with or without autograd; `with_scores` always
+yields the gate scores, `experts` forces the choice (routing replay) and weighs it from the current
+scores; `Routing.load` counts tokens per expert. A `RoutingTrace` passed to the model's forward
+records every MoE layer's Routing and replays forced ids per layer.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.kernels.moe_experts import expert_mlp, expert_mlp_reference, fused_experts_available
-from align.kernels.moe_route import (
-    combine,
-    combine_reference,
-    fused_route_available,
-    greedy_gate,
-    sort_by_expert,
-    sort_by_expert_reference,
-)
+from align.kernels.moe_experts import routed_experts
+from align.kernels.moe_route import greedy_gate, routing_weights, top_k_routing
 from align.models.config import num_groups, routing_weight_rule, scoring_func, topk_method
 
 
@@ -43,6 +44,49 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Routing(NamedTuple):
+    """One MoE layer's routing of T tokens."""
+
+    weights: torch.Tensor  # [T, k] float32, the combine weights
+    experts: torch.Tensor  # [T, k] int64
+    scores: torch.Tensor | None  # [T, E] float32 gate scores; None only from the fast gate (not asked for)
+
+    def load(self, n_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens routed to each expert, [E] int64: sums to T * k over the tokens token_mask (any
+        shape with T elements, nonzero = counted) keeps. No host synchronisation."""
+        hits = torch.ones_like(self.experts)
+        if token_mask is not None:
+            hits = hits * token_mask.reshape(-1, 1).to(hits.dtype)  # [T, k]
+        counts = torch.zeros(n_experts, dtype=torch.long, device=self.experts.device)
+        return counts.index_add_(0, self.experts.reshape(-1), hits.reshape(-1))  # [T*k] slots into [E]
+
+
+class RoutingTrace:
+    """What one forward's MoE layers routed, and the expert ids to force on them (routing replay).
+
+    Pass as `routing=` to the model's forward. replay: MoE layer index -> experts [B*S, k] (e.g. a
+    previous trace's `experts()`); with_scores: compute every layer's gate scores. After the
+    forward, `layers[i]` is MoE layer i's Routing, detached (a layer re-run by gradient checkpointing
+    records the same routing again).
+    """
+
+    def __init__(self, replay: dict[int, torch.Tensor] | None = None, with_scores: bool = False):
+        self.replay = dict(replay or {})
+        self.with_scores = with_scores
+        self.layers: dict[int, Routing] = {}
+
+    def record(self, layer: int, routing: Routing) -> None:
+        self.layers[layer] = Routing(*(None if t is None else t.detach() for t in routing))
+
+    def experts(self) -> dict[int, torch.Tensor]:
+        """Layer index -> the experts it used [B*S, k]: a replay for a later forward."""
+        return {layer: routing.experts for layer, routing in self.layers.items()}
+
+    def load(self, n_experts: int, token_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Layer index -> tokens per expert [E] int64 (Routing.load)."""
+        return {layer: routing.load(n_experts, token_mask) for layer, routing in self.layers.items()}
+
+
 class Gate(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -56,31 +100,36 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
     def forward(
-        self, x: torch.Tensor, need_scores: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32 or None).
+        self, x: torch.Tensor, with_scores: bool = False, experts: torch.Tensor | None = None
+    ) -> Routing:
+        """x [T, H] -> Routing: weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32 or None.
 
-        Greedy softmax routing without autograd on CUDA (the decode step) is one Triton launch that
-        returns scores None; need_scores (the balance loss wants them) keeps the torch path.
+        with_scores: always return the scores (else plain greedy softmax gating may skip them, one
+        Triton launch in the decode step). experts [T, k]: use these instead of choosing (routing
+        replay); their weights come from the current scores by the family's rule.
         """
-        if not need_scores and self._fused(x):
-            return (*greedy_gate(x, self.weight, self.top_k, self.normalise, self.scale), None)
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        plain = self.method == "greedy" and self.scoring == "softmax"
+        if plain and experts is None and not with_scores:
+            return Routing(*greedy_gate(x, self.weight, self.top_k, self.normalise, self.scale), None)
+        scores = self.scores(x)
+        if experts is not None:
+            if experts.shape != (x.shape[0], self.top_k):
+                raise ValueError(
+                    f"forced experts have shape {tuple(experts.shape)}; this gate routes {x.shape[0]} tokens "
+                    f"to {self.top_k} experts each: expected ({x.shape[0]}, {self.top_k})"
+                )
+            return Routing(routing_weights(scores, experts, self.normalise, self.scale), experts, scores)
         choice = scores
         if self.method == "noaux_tc":
             choice = scores + self.e_score_correction_bias.float()
         if self.method != "greedy":
             choice = self._mask_groups(choice)
-        experts = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, k]
-        weights = scores.gather(1, experts)
-        if self.normalise:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scale, experts, scores
+        return Routing(*top_k_routing(scores, choice, self.top_k, self.normalise, self.scale), scores)
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        plain = self.method == "greedy" and self.scoring == "softmax" and x.dtype == self.weight.dtype
-        return plain and fused_route_available(x, x.shape[0] * self.top_k)
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> gate scores [T, E] in float32 (softmax or sigmoid of the logits)."""
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.view(choice.shape[0], self.n_group, -1)  # [T, G, E/G]
@@ -105,19 +154,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/experts [T, k] -> sum_k weight * expert_k(x), [T, H].
+        """x [T, H], weights/experts [T, k] -> sum_k weight * expert_k(x), [T, H] (align/kernels/moe_experts.py).
 
-        No host synchronisation on the grouped-GEMM path (so the decode step can be CUDA-graph
-        captured), and each token's k outputs summed in a fixed order instead of float atomics, so
-        results repeat bit for bit. Without autograd on CUDA (decode), routing, the expert MLP and
-        combining are Triton launches (align/kernels/moe_route.py, moe_experts.py).
+        Called as a module so that adapters on the stacked weights (PEFT target_parameters) apply.
         """
-        fused = fused_route_available(x, experts.numel())
-        sort = sort_by_expert if fused else sort_by_expert_reference
-        source, position, ends = sort(experts, self.gate_up_proj.shape[0])
-        mlp = expert_mlp if fused_experts_available(x, self.gate_up_proj) else expert_mlp_reference
-        out = mlp(x, source, ends, self.gate_up_proj, self.down_proj)  # [T*k, H], sorted by expert
-        return (combine if fused else combine_reference)(out, position, weights).to(x.dtype)
+        return routed_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 
 def balance_loss(
@@ -146,8 +187,9 @@ def balance_loss(
 
 
 class MoE(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.gate = Gate(config)
         self.experts = Experts(config)
         shared = config.n_shared_experts or 0
@@ -156,16 +198,20 @@ class MoE(nn.Module):
         self.seq_aux = bool(getattr(config, "seq_aux", True))
 
     def forward(
-        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, trace: RoutingTrace | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, S, H] -> (out [B, S, H], balance loss or None)."""
+        """x [B, S, H] -> (out [B, S, H], balance loss or None); trace: forced ids in, routing out."""
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
         want_aux = self.training and self.aux_alpha > 0
-        weights, experts, scores = self.gate(flat, need_scores=want_aux)
-        out = self.experts(flat, weights, experts).view_as(x)
+        forced = None if trace is None else trace.replay.get(self.layer_idx)
+        with_scores = want_aux or (trace is not None and trace.with_scores)
+        routing = self.gate(flat, with_scores=with_scores, experts=forced)
+        if trace is not None:
+            trace.record(self.layer_idx, routing)
+        out = self.experts(flat, routing.weights, routing.experts).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         aux = None
         if want_aux:
-            aux = balance_loss(scores, experts, x.shape[0], self.aux_alpha, self.seq_aux, token_mask)
+            aux = balance_loss(routing.scores, routing.experts, x.shape[0], self.aux_alpha, self.seq_aux, token_mask)
         return out, aux

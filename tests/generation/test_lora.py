@@ -9,8 +9,8 @@ from torch import nn
 
 from align.generation import GenerationEngine, LatentCache, generate
 from align.generation.forward import decode_logits, prefill
-from align.generation.weights import effective_weight
 from align.models import build_model
+from align.models.adapters import effective_weight
 
 from .conftest import full_logits
 

@@ -1,4 +1,4 @@
-"""Fused MLA decode kernels against their PyTorch references (interpreter on CPU, GPU when present)."""
+"""MLA decode kernels against their PyTorch references (interpreter on CPU, GPU when present)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from align.kernels.mla_decode import (
+    _latent_attention_triton,
+    _write_latent_triton,
     latent_attention,
     latent_attention_reference,
-    write_latent,
     write_latent_reference,
 )
 from tests.kernels.conftest import DEVICE, DTYPES
@@ -34,7 +35,7 @@ def test_write_latent_matches_reference(dtype, heads, rank, rope, interleaved):
     positions = torch.tensor([0, 8, 3, 3, 5], device=DEVICE)
     ours = torch.zeros(slots, length, rank + rope, dtype=dtype, device=DEVICE)
     ref = ours.clone()
-    write_latent(kv, weight, 1e-6, cos, sin, ours, positions, interleaved)
+    _write_latent_triton(kv, weight, 1e-6, cos, sin, ours, positions, interleaved)
     write_latent_reference(kv, weight, 1e-6, cos, sin, ref, positions, interleaved)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
@@ -53,7 +54,7 @@ def test_latent_attention_matches_reference(dtype, heads, rank, rope, interleave
     cos, sin = _cos_sin(batch, rope, gen)
     positions = torch.tensor([0, 69, 31, 40], device=DEVICE)
     scale = (rank + rope) ** -0.5
-    ours = latent_attention(q_latent, q_pe, cos, sin, rows, positions, scale, interleaved)
+    ours = _latent_attention_triton(q_latent, q_pe, cos, sin, rows, positions, scale, interleaved)
     ref = latent_attention_reference(q_latent, q_pe, cos, sin, rows, positions, scale, interleaved)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
@@ -67,10 +68,10 @@ def test_latent_attention_ignores_rows_past_position():
     rows = torch.randn(2, 40, 48, generator=gen).to(DEVICE, dtype)
     cos, sin = _cos_sin(2, 16, gen)
     positions = torch.tensor([5, 20], device=DEVICE)
-    before = latent_attention(q_latent, q_pe, cos, sin, rows, positions, 0.1, True)
+    before = _latent_attention_triton(q_latent, q_pe, cos, sin, rows, positions, 0.1, True)
     rows[0, 6:] = float("nan")
     rows[1, 21:] = float("nan")
-    after = latent_attention(q_latent, q_pe, cos, sin, rows, positions, 0.1, True)
+    after = _latent_attention_triton(q_latent, q_pe, cos, sin, rows, positions, 0.1, True)
     assert torch.equal(before, after)
 
 
@@ -83,7 +84,19 @@ def test_strided_output_and_bad_layout():
     cos, sin = _cos_sin(3, 16, gen)
     positions = torch.tensor([1, 7, 4], device=DEVICE)
     out = torch.empty(2, 3, 32, dtype=dtype, device=DEVICE).transpose(0, 1)  # [B, h, R] as [h, B, R]
-    latent_attention(q_latent, q_pe, cos, sin, rows, positions, 0.2, True, out=out)
-    assert torch.equal(out, latent_attention(q_latent, q_pe, cos, sin, rows, positions, 0.2, True))
+    _latent_attention_triton(q_latent, q_pe, cos, sin, rows, positions, 0.2, True, out=out)
+    assert torch.equal(out, _latent_attention_triton(q_latent, q_pe, cos, sin, rows, positions, 0.2, True))
     with pytest.raises(ValueError, match="q_latent needs a contiguous last dimension"):
-        latent_attention(q_latent.transpose(1, 2), q_pe, cos, sin, rows, positions, 0.2, True)
+        _latent_attention_triton(q_latent.transpose(1, 2), q_pe, cos, sin, rows, positions, 0.2, True)
+
+
+def test_public_op_takes_the_reference_on_cpu_and_fills_out():
+    gen = torch.Generator().manual_seed(2)
+    q_latent, q_pe = torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 16, generator=gen)
+    rows = torch.randn(3, 8, 48, generator=gen)
+    cos, sin = torch.rand(3, 8, generator=gen), torch.rand(3, 8, generator=gen)
+    positions = torch.tensor([1, 7, 4])
+    ref = latent_attention_reference(q_latent, q_pe, cos, sin, rows, positions, 0.2, True)
+    out = torch.empty(2, 3, 32).transpose(0, 1)
+    assert latent_attention(q_latent, q_pe, cos, sin, rows, positions, 0.2, True, out=out) is out
+    assert torch.equal(out, ref)

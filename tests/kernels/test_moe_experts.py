@@ -1,13 +1,55 @@
-"""Small-batch routed-expert MLP kernel against the grouped-GEMM reference."""
+"""Routed-expert kernels (sort by expert, small-batch expert MLP, weighted combine) against their
+PyTorch references, and the public op against the plain per-token loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from align.kernels.moe_experts import expert_mlp, expert_mlp_reference
-from align.kernels.moe_route import sort_by_expert_reference
+from align.kernels.moe_experts import (
+    _combine_triton,
+    _expert_mlp_triton,
+    _sort_by_expert_triton,
+    combine_reference,
+    expert_mlp_reference,
+    routed_experts,
+    sort_by_expert_reference,
+)
 from tests.kernels.conftest import DEVICE, DTYPES
+
+
+@pytest.mark.parametrize("tokens,k,n_experts", [(64, 6, 64), (1, 1, 4), (37, 3, 5), (200, 8, 160)])
+def test_sort_by_expert_matches_stable_argsort(tokens, k, n_experts):
+    gen = torch.Generator().manual_seed(tokens)
+    experts = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)]).to(DEVICE)
+    ours = _sort_by_expert_triton(experts, n_experts)
+    ref = sort_by_expert_reference(experts, n_experts)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_sort_by_expert_skewed_and_too_many_slots():
+    experts = torch.zeros(100, 2, dtype=torch.long, device=DEVICE)
+    experts[:, 1] = 3  # every token picks experts 0 and 3
+    for a, b in zip(_sort_by_expert_triton(experts, 8), sort_by_expert_reference(experts, 8), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="at most 8192 routed slots"):
+        _sort_by_expert_triton(torch.zeros(5000, 2, dtype=torch.long, device=DEVICE), 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k,hidden", [(64, 6, 2048), (3, 2, 40), (5, 1, 1500)])
+def test_combine_matches_reference(dtype, tokens, k, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    out = torch.randn(tokens * k, hidden, generator=gen).to(DEVICE, dtype)
+    position = torch.randperm(tokens * k, generator=gen).view(tokens, k).to(DEVICE)
+    weights = torch.rand(tokens, k, generator=gen).to(DEVICE)
+    ours = _combine_triton(out, position, weights)
+    ref = combine_reference(out, position, weights)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -22,7 +64,23 @@ def test_expert_mlp_matches_reference(dtype, tokens, k, n_experts, hidden, inter
     x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
     gate_up = (torch.randn(n_experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(DEVICE, dtype)
     down = (torch.randn(n_experts, hidden, inter, generator=gen) / inter**0.5).to(DEVICE, dtype)
-    ours = expert_mlp(x, source, ends, gate_up, down)
+    ours = _expert_mlp_triton(x, source, ends, gate_up, down)
     ref = expert_mlp_reference(x, source, ends, gate_up, down)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+def test_routed_experts_equals_the_per_token_loop():
+    gen = torch.Generator().manual_seed(4)
+    tokens, k, n_experts, hidden, inter = 9, 3, 5, 16, 8
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    experts = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    gate_up = torch.randn(n_experts, 2 * inter, hidden, generator=gen, dtype=torch.float64)
+    down = torch.randn(n_experts, hidden, inter, generator=gen, dtype=torch.float64)
+    want = torch.zeros_like(x)
+    for t in range(tokens):
+        for j in range(k):
+            gate, up = (gate_up[experts[t, j]] @ x[t]).chunk(2)
+            want[t] += weights[t, j].double() * (down[experts[t, j]] @ (F.silu(gate) * up))
+    torch.testing.assert_close(routed_experts(x, weights, experts, gate_up, down), want)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import kernel_path, triton_ready
 from align.kernels.moe_experts import MAX_TOKENS
-from align.kernels.moe_route import SORT_MAX_SLOTS, fused_route_available
+from align.kernels.moe_route import SORT_MAX_SLOTS
 from align.models import build_model
 from align.models.presets import PRESETS
 
@@ -47,8 +47,9 @@ def test_forward_in_every_mode(model_on, tokens, grad, training):
     model.train(training)
     ids = torch.randint(3, 1024, (tokens // SEQ, SEQ), generator=torch.Generator().manual_seed(tokens)).to(device)
     probe = torch.empty(tokens, 1, device=device)
+    gate = model.model.layers[-1].mlp.gate.weight
     with torch.set_grad_enabled(grad):
-        fused = fused_route_available(probe, tokens * TOP_K)  # which side of the Triton threshold this is
+        fused = kernel_path(probe, gate) and tokens * TOP_K <= SORT_MAX_SLOTS  # the gate's and sort's test
         assert fused == (triton_ready(probe) and not grad and tokens <= ROUTE_LIMIT)
         out = model(input_ids=ids)
     assert out.logits.shape == (tokens // SEQ, SEQ, 1024)
