@@ -34,6 +34,7 @@ scalars the RL loop logs.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -224,6 +225,17 @@ def _normalize_spec(spec: Any, where: str) -> dict[str, Any]:
     return {"name": spec["name"], "weight": float(weight), "params": dict(params), "label": spec.get("label")}
 
 
+def _bound(raw: Any, where: str) -> tuple[dict[str, Any], RewardFn]:
+    """A spec (string, mapping or typed spec object) normalised, and the function it names, checked."""
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        raw = dataclasses.asdict(raw)
+    spec = _normalize_spec(raw, where)
+    fn = _resolve(spec["name"], where)
+    _check_params(fn, spec["params"], f"{where} ({spec['name']})")
+    _check_values(spec["name"], spec["params"], f"{where} ({spec['name']})")
+    return spec, fn
+
+
 def build_rewards(specs: Sequence[Any], where: str = "rewards") -> list[WeightedReward]:
     """Validate recipe specs and bind them to functions (see the module docstring for the format)."""
     if isinstance(specs, str | Mapping):
@@ -231,10 +243,7 @@ def build_rewards(specs: Sequence[Any], where: str = "rewards") -> list[Weighted
     built: list[WeightedReward] = []
     for i, raw in enumerate(specs):
         here = f"{where}[{i}]"
-        spec = _normalize_spec(raw, here)
-        fn = _resolve(spec["name"], here)
-        _check_params(fn, spec["params"], f"{here} ({spec['name']})")
-        _check_values(spec["name"], spec["params"], f"{here} ({spec['name']})")
+        spec, fn = _bound(raw, here)
         label = spec["label"] or spec["name"]
         if any(r.name == label for r in built):
             raise RewardConfigError(f"{here}: reward {label!r} appears twice; give one a distinct 'label'")

@@ -165,18 +165,17 @@ def reward_inputs(ro: Rollout, prompt_column: str) -> tuple[list, list, dict[str
     return prompts, completions, columns
 
 
-def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict]:
-    """Weighted total reward per completion, and reward metrics (mean / std per function and total;
-    `rewards/<name>/errors`: 1 when the function raised on this round). `_reward_failure` says why the
-    round has no reward value at all (None when it has one)."""
+def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict, str | None]:
+    """Weighted total reward per completion, reward metrics (mean / std per function and total;
+    `rewards/<name>/errors`: 1 when the function raised on this round), and why the round has no reward
+    value at all (None when it has one)."""
     from rewards import reward_metrics, score
 
     prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
     totals, per_function, errors = score(rewards, prompts, completions, columns)
     metrics: dict = reward_metrics(per_function, errors, totals)
     reward = torch.tensor(totals, dtype=torch.float32)
-    metrics["_reward_failure"] = guards.reward_failure(per_function, errors)
-    return reward, metrics
+    return reward, metrics, guards.reward_failure(per_function, errors)
 
 
 def advantage_metrics(reward: torch.Tensor, advantages: torch.Tensor, recipe: RLRecipe) -> dict[str, float]:
@@ -234,9 +233,9 @@ def add_old_and_ref(setup: Setup, head, batch: RolloutBatch, g: GRPOSection) -> 
 
 
 def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection,
-                   max_grad_norm: float | None, head) -> dict[str, float]:
-    """One optimizer step over every completion of the round (gradient accumulation over micro-batches);
-    not applied (`_skipped` 1) when the loss or gradient norm is NaN / inf."""
+                   max_grad_norm: float | None, head) -> tuple[dict[str, float], bool]:
+    """One optimizer step over every completion of the round (gradient accumulation over micro-batches):
+    (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf)."""
     accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
     n_items = batch.loss_mask.sum()
@@ -260,7 +259,7 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
         setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": norm.item(), "_skipped": float(skipped), **merge_metrics(parts)}
+    return {"loss": total, "grad_norm": norm.item(), **merge_metrics(parts)}, bool(skipped)
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -278,18 +277,20 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
     return out
 
 
-def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: float | None) -> dict[str, float]:
+def update(setup: Setup, batch: RolloutBatch, g: GRPOSection,
+           max_grad_norm: float | None) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
-    optimizer steps over `batch`; returns the mean of their metrics, and under `_skipped` the values of
-    the steps not applied (NaN / inf)."""
+    optimizer steps over `batch`. Returns the mean of their metrics, and the loss / grad norm of each
+    step that was not applied (NaN / inf)."""
     head = setup.unwrapped.get_output_embeddings()
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
-    runs = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head) for _ in range(g.num_iterations)]
-    skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r in runs if r.pop("_skipped")]
+    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head) for _ in range(g.num_iterations)]
+    runs = [r for r, _ in steps]
+    skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r, was in steps if was]
     out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
-    return {**out, "_skipped": skipped}
+    return out, skipped
 
 
 # ------------------------------------------------------------------------------------ main loop
@@ -315,7 +316,6 @@ class Run:
 
 def _run_rl(recipe: RLRecipe) -> dict:
     from align.generation import GenerationEngine
-    from rewards import build_rewards
 
     accelerator = make_accelerator(recipe)
     if accelerator.num_processes > 1:
@@ -326,7 +326,7 @@ def _run_rl(recipe: RLRecipe) -> dict:
     with rundir.removed_on_failure(opened, accelerator):
         tokenizer = load_tokenizer_for(recipe)
         data = prepare_prompts(recipe, tokenizer, accelerator, say)
-        rewards = build_rewards(recipe.rewards, where="rewards")
+        rewards = recipe.reward_functions()
         setup = setup_model(recipe, tokenizer, accelerator, t.steps * g.num_iterations, g.prompts_per_step,
                             say, opened.resume, run_steps=t.steps)
         write_recipe(opened, recipe, accelerator)
@@ -342,19 +342,30 @@ def _run_rl(recipe: RLRecipe) -> dict:
         return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say))
 
 
-def rl_step(run: Run, step: int, order: DataOrder) -> tuple[dict, Rollout, torch.Tensor]:
-    """One round: rollout, rewards, advantages, update. Returns (metrics, rollout, rewards)."""
+@dataclass
+class Round:
+    """What one GRPO round produced: its metrics, its rollout and rewards (for completions.jsonl), the
+    loss / grad norm of updates not applied (NaN / inf), and why no reward value came (None if one did)."""
+
+    metrics: dict
+    rollout: Rollout
+    reward: torch.Tensor
+    skipped: list[dict[str, float]]
+    reward_failure: str | None
+
+
+def rl_step(run: Run, step: int, order: DataOrder) -> Round:
+    """One round: rollout, rewards, advantages, update."""
     recipe = run.recipe
     clock = time.perf_counter()
     ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
     generated = time.perf_counter()
-    reward, metrics = score_rollout(run.rewards, ro, recipe)
+    reward, metrics, failure = score_rollout(run.rewards, ro, recipe)
     advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
     scored = time.perf_counter()
     batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
-    updates = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
+    updates, skipped = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
     done = time.perf_counter()
-    metrics["_skipped"] = updates.pop("_skipped")
     metrics.update({f"train/{k}": v for k, v in updates.items()})
     metrics.update(advantage_metrics(reward, advantages, recipe))
     metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
@@ -362,7 +373,7 @@ def rl_step(run: Run, step: int, order: DataOrder) -> tuple[dict, Rollout, torch
     metrics.update({"time/generation": generated - clock, "time/scoring": scored - generated,
                     "time/update": done - scored, "time/step": done - clock,
                     "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
-    return metrics, ro, reward
+    return Round(metrics, ro, reward, skipped, failure)
 
 
 def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> None:
@@ -372,8 +383,8 @@ def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> Non
     with (Path(run.recipe.output.run_dir) / "completions.jsonl").open("a", encoding="utf-8") as f:
         for i in range(0, n, g):
             row = {"step": step, "prompt": ro.rows[i]["prompt"],
-                   "completions": [{"text": ro.texts[j], "reward": reward[j].item(), "finish_reason": ro.finish[j]}
-                                   for j in range(i, i + g)]}
+                   "completions": [{"text": ro.texts[j], "reward": _json_number(reward[j].item()),
+                                    "finish_reason": ro.finish[j]} for j in range(i, i + g)]}
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
@@ -399,13 +410,13 @@ def train_loop(run: Run) -> dict:
     watch = Watch.resumed(run)
     window: list[dict] = []
     for step in range(start, t.steps):
-        metrics, ro, reward = rl_step(run, step, order)
+        round_ = rl_step(run, step, order)
         done = step + 1
-        watch.check(run, done, metrics)  # warns, or stops the run
-        window.append(metrics)
+        watch.check(run, done, round_)  # warns, or stops the run
+        window.append(round_.metrics)
         bar.update(1)
         if t.sample_every and done % t.sample_every == 0:
-            write_samples(run, done, ro, reward)
+            write_samples(run, done, round_.rollout, round_.reward)
         if cadence.log(done):
             run.log(done, window_metrics(window), bar)
             window = []
@@ -435,13 +446,14 @@ class Watch:
         return cls(nonfinite, guards.RewardGuard(recipe.grpo.max_failed_reward_steps),
                    Counter(saved.get("reward_errors", {})))
 
-    def check(self, run: Run, step: int, metrics: dict) -> None:
-        """Pops the round's `_` entries: warnings printed, TrainingStopped past a limit, errors counted."""
-        warning = self.rewards.record(step, metrics.pop("_reward_failure"))
+    def check(self, run: Run, step: int, round_: Round) -> None:
+        """Warnings printed, TrainingStopped past a limit, reward errors counted."""
+        warning = self.rewards.record(step, round_.reward_failure)
         if warning:
             run.say(warning)
-        for values in metrics.pop("_skipped"):
+        for values in round_.skipped:
             run.say(self.nonfinite.skipped(step, values))
+        metrics = round_.metrics
         if self.nonfinite.count:
             metrics["train/nonfinite_steps"] = self.nonfinite.count
         self.reward_errors.update({k[len("rewards/"):-len("/errors")]: int(v) for k, v in metrics.items()
@@ -462,6 +474,11 @@ def window_metrics(window: list[dict]) -> dict[str, float]:
         else:
             out[key] = values[-1] if key == "train/nonfinite_steps" else _nanmean(values)
     return out
+
+
+def _json_number(value: float) -> float | None:
+    """NaN (a completion no reward scored) as null: completions.jsonl stays strict JSON."""
+    return None if math.isnan(value) else value
 
 
 def _nanmean(values: list[float]) -> float:
