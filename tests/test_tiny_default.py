@@ -1,10 +1,9 @@
 """README's first command, end to end: the embedded tiny SFT recipe, then the RL recipe on its output.
 
 The full recipes, unshortened (about 4 minutes on 2 CPU cores): SFT must reach >= 70% held-out exact
-match, and GRPO must raise it by >= 10 points (recorded with 2 threads, torch 2.13.0 and 2.14.1:
-74.5% -> 91.5%). The figure still depends on the CPU and thread count (1 thread and other seeds have
-landed between 62% and 91% after SFT; .ci/sweep_tiny_default measures it), so this floor is lower than
-the figure README aims for.
+match, and GRPO must raise it by >= 10 points. README aims higher (>= 75% and +10 in every cell of
+.ci/sweep_tiny_default: torch 2.13.0 / 2.14.1 x train.seed 0-2 x 1 / 2 threads) and records the sweep;
+this floor stays below it so that CI does not sit on the knife edge of one machine's float sums.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def exact_matches(run_dir) -> list[tuple[int, float]]:
 def test_sft_reaches_70_percent(runs):
     base, out, _ = runs
     (step, score), = exact_matches(base / "sft")
-    assert step == 1600 and score >= 0.70, score
+    assert step == 2000 and score >= 0.70, score
     assert f"eval exact match: {score:.1%}" in out
 
 
