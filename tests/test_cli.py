@@ -104,17 +104,19 @@ def test_ctrl_c_stops_cleanly_with_the_resume_command(tmp_path):
     """SIGINT after the first checkpoint: exit 130, no traceback, what was saved and how to continue."""
     run = tmp_path / "run"
     args = ["sft", str(TINY), "train.steps=200", "train.save_every=2", "train.log_every=1", "data.synthetic.train=400",
-            "model.config.num_hidden_layers=1", "eval.exact_match=false", "output.progress=false",
-            f"output.run_dir={run}"]
+            "model.config.num_hidden_layers=1", "train.micro_batch_size=192", "eval.exact_match=false",
+            "output.progress=false", f"output.run_dir={run}"]  # 192 rows: steps slow enough that it cannot finish first
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not list(run.glob("checkpoints/step-*")) and proc.poll() is None and time.monotonic() < deadline:
+    start = time.monotonic()
+    while not list(run.glob("checkpoints/step-*")) and proc.poll() is None and time.monotonic() < start + 240:
         time.sleep(0.1)
+    seen = f"signal sent {time.monotonic() - start:.1f} s in, child already exited: {proc.poll() is not None}, " \
+           f"checkpoints then: {sorted(p.name for p in run.glob('checkpoints/step-*'))[:3]}\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert proc.returncode == 130, seen + out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     message = err[err.index("interrupted; saved: "):].splitlines()
     assert len(message) == 2 and f"{run / 'checkpoints'}/step-0000" in message[0]
