@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from align.generation.cache import LatentCache
-from align.models.mla import attention_mask_for, document_ids
+from align.models.layout import attention_layout
 from align.models.model import DeepseekV2ForCausalLM
 
 
@@ -46,7 +46,8 @@ def prefill(
     prompt. No logits: the engine feeds each prompt's last token through the decode step.
     """
     pos = positions[None]  # [1, S]
-    mask = attention_mask_for(document_ids(pos), None, pos.shape[1], ids.device) if documents > 1 else None
+    like = model.model.embed_tokens.weight  # the activations' device and dtype
+    mask = attention_layout(like, pos, None, shape=tuple(pos.shape)) if documents > 1 else None
     model.model.fill_cache(ids[None], pos, mask, cache.writer(slots, positions))
 
 

@@ -22,36 +22,11 @@ from torch import nn
 
 from align.kernels.mla_decode import latent_attention, write_latent
 from align.kernels.rope import apply_rope
+from align.kernels.varlen_attention import varlen_attention
 from align.models.adapters import effective_weight
+from align.models.layout import Segments
 from align.models.norm import RMSNorm
 from align.models.rope import softmax_scale
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """A new document starts wherever the position does not grow by one. [B, S] -> [B, S]."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts.cumsum(-1)
-
-
-def attention_mask_for(
-    doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, seq: int, device: torch.device, past: int = 0
-) -> torch.Tensor | None:
-    """Boolean [B|1, 1, S, past+S] mask: causal, within a document, keys not padding; None = plain causal.
-
-    key_valid [B, past+S] marks real tokens; `past` cached positions come before the S queries.
-    """
-    if doc_ids is None and key_valid is None and past == 0:
-        return None
-    query_pos = torch.arange(past, past + seq, device=device)[:, None]  # [S, 1]
-    key_pos = torch.arange(past + seq, device=device)[None]  # [1, T]
-    allowed = (key_pos <= query_pos)[None]  # [1, S, T]
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, S, S]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :].bool()
-        allowed = allowed | (key_pos == query_pos)  # padding rows see themselves
-    return allowed[:, None]
 
 
 class MLA(nn.Module):
@@ -107,17 +82,23 @@ class MLA(nn.Module):
 
     def attend_latents(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Segments | None,
     ) -> torch.Tensor:
-        """Decompressed attention from query parts and latents (as from `query` / `latent`) -> [B, S, H]."""
+        """Decompressed attention from query parts and latents (as from `query` / `latent`) -> [B, S, H].
+
+        mask: as from align.models.layout.attention_layout (None = causal, a dense mask, or Segments)."""
         batch, keys = c.shape[:2]
         kv = self.kv_b_proj(c).view(batch, keys, self.n_heads, self.nope_dim + self.v_dim)  # [B, T, h, nope+v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, h, qk]
         k_pe = k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)  # [B, T, h, rope]
-        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, h, T, qk]
-        out = sdpa(q, k, v.transpose(1, 2), mask, self.scale)  # [B, h, S, v]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, q_nope.shape[1], self.n_heads * self.v_dim))
+        k = torch.cat([k_nope, k_pe], dim=-1)  # [B, T, h, qk]
+        if isinstance(mask, Segments):
+            out = segment_attention(q, k, v, mask, self.scale)  # [B, S, h, v]
+        else:
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)  # [B, h, S, v]
+            out = out.transpose(1, 2)  # [B, S, h, v]
+        return self.o_proj(out.reshape(batch, q_nope.shape[1], self.n_heads * self.v_dim))
 
     def write_latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> None:
         """Hand x's latents [B, 1, S, d] to `cache.update` (as `forward` does) without attending."""
@@ -160,6 +141,21 @@ class MLA(nn.Module):
         weight = self.kv_b_proj.weight if kv_b_weight is None else kv_b_weight
         per_head = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [h, nope+v, rank]
         return per_head[:, : self.nope_dim], per_head[:, self.nope_dim :]
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
+) -> torch.Tensor:
+    """Causal attention within segments: q, k [B, S, h, qk], v [B, S, h, v] -> [B, S, h, v], zeros at
+    tokens the segments leave out (padding)."""
+    batch, seq, heads = q.shape[:3]
+    flat = [t.reshape(batch * seq, heads, t.shape[-1]) for t in (q, k, v)]  # [B*S, h, d] each
+    if segments.keep is not None:
+        flat = [t.index_select(0, segments.keep) for t in flat]  # [T, h, d]
+    out = varlen_attention(*flat, segments.cu_seqlens, segments.max_len, scale)  # [T, h, v]
+    if segments.keep is not None:
+        out = out.new_zeros(batch * seq, heads, out.shape[-1]).index_copy(0, segments.keep, out)  # [B*S, h, v]
+    return out.view(batch, seq, heads, -1)
 
 
 def sdpa(

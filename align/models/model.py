@@ -19,7 +19,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from align.kernels.linear_logprob import linear_cross_entropy
 from align.models.checkpoint import load_model, save_model
 from align.models.config import is_moe_layer
-from align.models.mla import MLA, attention_mask_for, document_ids
+from align.models.layout import attention_layout
+from align.models.mla import MLA
 from align.models.moe import MLP, Experts, Gate, MoE, RoutingTrace
 from align.models.norm import RMSNorm
 from align.models.rope import RotaryEmbedding
@@ -165,12 +166,11 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        doc_ids = None if position_ids is None or past else document_ids(position_ids)
+        mask = attention_layout(x, position_ids, attention_mask, past)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, seq)  # [B, S]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        mask = attention_mask_for(doc_ids, attention_mask, seq, x.device, past)
         token_mask = None if attention_mask is None else attention_mask[:, past:]
         cos, sin = self.rotary_emb(position_ids)
         aux_total = None
@@ -186,7 +186,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         """Prefill: run the layers as far as `cache` needs. Every layer hands its latents [B, 1, S, d]
         to cache.update(c, k_pe, layer_idx), which returns the latents to attend over; the last
         layer's output feeds nothing the cache needs, so it is not computed. ids/positions [B, S],
-        mask as from attention_mask_for (None = causal)."""
+        mask as from align.models.layout.attention_layout (None = causal)."""
         cos, sin = self.rotary_emb(position_ids)
         x = self.embed_tokens(input_ids)  # [B, S, H]
         for layer in self.layers[:-1]:

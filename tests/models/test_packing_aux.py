@@ -81,3 +81,35 @@ def test_grouped_linear_reference_matches_loop():
     gx, gw = torch.autograd.grad(out, (x, w), grad)
     lx, lw = torch.autograd.grad(loop, (x, w), grad)
     assert torch.allclose(gx, lx) and torch.allclose(gw, lw)
+
+
+def _segment_vs_mask_case(monkeypatch, enabled: bool, batch: dict):
+    import align.models.layout as layout
+
+    monkeypatch.setattr(layout, "segments_enabled", lambda x: enabled)
+    model = build_model("tiny", seed=5, dtype=torch.float64).train()
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def test_segments_path_equals_dense_mask(monkeypatch):
+    """Packed rows with padding tails, through the varlen layout (its reference on CPU) and the dense
+    mask: same logits at real tokens, same loss (balance loss included), same gradients."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 1024, (2, 16), generator=gen)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1],
+                              [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 0, 1, 2]])
+    mask = torch.ones_like(ids)
+    mask[0, 14:], mask[1, 13:] = 0, 0  # padding tails
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "labels": labels}
+    dense = _segment_vs_mask_case(monkeypatch, False, batch)
+    seg = _segment_vs_mask_case(monkeypatch, True, batch)
+    real = mask.bool()
+    torch.testing.assert_close(seg[0][real], dense[0][real])
+    torch.testing.assert_close(seg[1], dense[1])
+    assert seg[2].keys() == dense[2].keys()
+    for name in dense[2]:
+        torch.testing.assert_close(seg[2][name], dense[2][name], msg=name)

@@ -1,0 +1,97 @@
+"""Which tokens attend to which in a training or prefill forward: packed documents, padding, causality.
+
+A row may hold several documents laid end to end (position_ids restart at 0 for each) and padding
+(attention_mask 0). Two forms of the same rule, chosen once per forward by `attention_layout`:
+- `Segments`: the real tokens of all rows flattened, cut into per-document segments, for the varlen
+  attention kernel (align.kernels.varlen_attention). No [S, S] mask; padding tokens skip attention
+  (their attention output is 0). Used where that kernel runs (CUDA, 16-bit).
+- a boolean [B|1, 1, S, past+S] mask (`attention_mask_for`) for SDPA elsewhere (CPU, float32, or
+  queries over cached keys).
+Real tokens get the same attention from both; None means plain causal over whole rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align.kernels.varlen_attention import flash_varlen_ready
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """A new document starts wherever the position does not grow by one. [B, S] -> [B, S]."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.cumsum(-1)
+
+
+def attention_mask_for(
+    doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, seq: int, device: torch.device, past: int = 0
+) -> torch.Tensor | None:
+    """Boolean [B|1, 1, S, past+S] mask: causal, within a document, keys not padding; None = plain causal.
+
+    key_valid [B, past+S] marks real tokens; `past` cached positions come before the S queries.
+    """
+    if doc_ids is None and key_valid is None and past == 0:
+        return None
+    query_pos = torch.arange(past, past + seq, device=device)[:, None]  # [S, 1]
+    key_pos = torch.arange(past + seq, device=device)[None]  # [1, T]
+    allowed = (key_pos <= query_pos)[None]  # [1, S, T]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, S, S]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].bool()
+        allowed = allowed | (key_pos == query_pos)  # padding rows see themselves
+    return allowed[:, None]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The real tokens of a [B, S] batch as causal segments of the flattened B*S positions."""
+
+    cu_seqlens: torch.Tensor  # int32 [N + 1]: segment n is kept tokens cu[n] .. cu[n+1]-1
+    max_len: int  # the longest segment
+    keep: torch.Tensor | None  # [T] flat indices (into B*S) of the real tokens; None = all B*S
+
+
+def segments_for(doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, batch: int, seq: int,
+                 device: torch.device) -> Segments:
+    """Segments of the real tokens: a new one at each row start and document change. doc_ids,
+    key_valid [B, S] or None. Padding inside a document (a hole) does not split it."""
+    rows = torch.arange(batch, device=device)[:, None] * (seq + 1)  # [B, 1]: row ids apart from doc ids
+    owner = (rows + (doc_ids if doc_ids is not None else 0)).expand(batch, seq).reshape(-1)  # [B*S]
+    keep = None
+    if key_valid is not None:
+        keep = key_valid.reshape(-1).nonzero().squeeze(1)  # [T]
+        owner = owner[keep]
+    first = torch.ones_like(owner, dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]
+    starts = first.nonzero().squeeze(1)
+    cu = torch.cat([starts, starts.new_tensor([owner.numel()])]).to(torch.int32)  # [N + 1]
+    return Segments(cu, int((cu[1:] - cu[:-1]).max()) if owner.numel() else 0, keep)
+
+
+def segments_enabled(x: torch.Tensor) -> bool:
+    """Whether forwards on activations like x attend through Segments (the varlen kernel runs)."""
+    return flash_varlen_ready(x)
+
+
+def attention_layout(
+    x: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past: int = 0,
+    shape: tuple[int, int] | None = None,
+) -> torch.Tensor | Segments | None:
+    """The attention rule for activations x [B, S, ...] (or of `shape` (B, S) and x's device / dtype):
+    None (plain causal), Segments, or a dense mask.
+
+    position_ids [B, S] restarting inside a row mark packed documents (ignored over cached keys);
+    attention_mask [B, past+S] (1 = real token), None or all ones = no padding."""
+    batch, seq = shape or x.shape[:2]
+    doc_ids = None if position_ids is None or past else document_ids(position_ids)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if doc_ids is not None and attention_mask is None and bool((doc_ids[:, -1] == 1).all()):
+        doc_ids = None  # one document per row: plain causal
+    if past == 0 and (doc_ids is not None or attention_mask is not None) and segments_enabled(x):
+        return segments_for(doc_ids, attention_mask, batch, seq, x.device)
+    return attention_mask_for(doc_ids, attention_mask, seq, x.device, past)
