@@ -28,6 +28,8 @@ from align.generation import GenerationEngine, SamplingParams
 from align.kernels.dispatch import use_triton
 from align.models import build_model
 
+BASELINE_EXPERTS = "grouped_mm"  # not the default per-expert loop: the peer at its best
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -137,6 +139,7 @@ def transformers_twin(model):
     twin.load_state_dict(model.state_dict(), assign=True, strict=True)
     device = model.lm_head.weight.device
     twin.model.rotary_emb = DeepseekV2RotaryEmbedding(config).to(device)  # non-persistent buffers
+    twin.set_experts_implementation(BASELINE_EXPERTS)  # transformers' best built-in experts path
     meta = [n for n, t in list(twin.named_parameters()) + list(twin.named_buffers()) if t.is_meta]
     if meta:
         raise RuntimeError(f"transformers twin has tensors left on the meta device: {meta[:5]}")
@@ -201,6 +204,7 @@ def main() -> None:
 
     result["transformers"] = transformers.__version__
     result["compile"] = args.compile
+    result["baseline_experts"] = BASELINE_EXPERTS
     result["greedy_probe"] = greedy_probe(model, prompt_len, min(new, 32), device)
     print(json.dumps(result["greedy_probe"]), flush=True)
     result["ours"] = []

@@ -15,7 +15,7 @@ align: GenerationEngine (n = G, CUDA graphs on Hopper bf16) -> rewards.score + g
 the fused linear log-prob kernel + grpo_loss under bf16 autocast; then clip, AdamW from align.train.optim,
 constant schedule) on a LoRASetup (align.train.setup). Timed: generation (incl. decoding the texts), scoring,
 update; one warm-up step first (graph capture, optimizer state), then the timed step.
-TRL: transformers' own DeepseekV2ForCausalLM (sdpa, default experts implementation) whose parameters ARE the
+TRL: transformers' own DeepseekV2ForCausalLM (sdpa, grouped_mm experts: its best built-in path) whose parameters ARE the
 tensors align used (assigned, not copied; align's model and adapters are freed first), the same LoRA config,
 trl.GRPOTrainer (transformers generate, use_vllm off, bf16, per_device_train_batch_size = --micro-batch,
 gradient_accumulation_steps = prompts x G / micro-batch, so one optimizer step = one generation round).
@@ -52,6 +52,8 @@ from align.train.lora import apply_lora, lora_config
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.rollout_batch import make_batch
 from align.train.setup import LoRASetup
+
+BASELINE_EXPERTS = "grouped_mm"  # not the default per-expert loop: the peer at its best
 
 LR, MAX_GRAD_NORM = 1e-6, 1.0
 
@@ -201,6 +203,7 @@ def transformers_policy(config, state: dict, device: torch.device):
         twin = Reference._from_config(config, dtype=state["lm_head.weight"].dtype)
     twin.load_state_dict(state, assign=True, strict=True)
     twin.model.rotary_emb = DeepseekV2RotaryEmbedding(config).to(device)  # non-persistent buffers
+    twin.set_experts_implementation(BASELINE_EXPERTS)  # transformers' best built-in experts path
     meta = [n for n, t in list(twin.named_parameters()) + list(twin.named_buffers()) if t.is_meta]
     if meta:
         raise RuntimeError(f"transformers twin has tensors left on the meta device: {meta[:5]}")
@@ -388,6 +391,7 @@ def header(args) -> dict:
         "prompts": args.prompts, "generations": args.generations, "prompt_len": args.prompt_len,
         "completion_len": args.completion_len, "micro_batch": args.micro_batch,
         "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
+        "baseline_experts": BASELINE_EXPERTS,
     }
 
 

@@ -154,6 +154,13 @@ class Cadence:
         return bool(self.train.save_every and done % self.train.save_every == 0) or done == self.steps
 
 
+def peak_memory(device: torch.device) -> dict:
+    """{"train/peak_gib": the most GPU memory this process has held in tensors so far}; {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"train/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 @dataclass
 class Log:
     """A metric record to metrics.jsonl (main process), accelerate's trackers and the progress bar."""

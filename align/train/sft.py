@@ -237,6 +237,7 @@ def train_loop(loop: Loop) -> dict:
             metrics.update({"train/lr": window[-1]["train/lr"], "train/tokens_per_s": tokens / elapsed,
                             "train/epoch": done * loop.rows_per_step / len(data.train)})
             metrics.update({"train/nonfinite_steps": guard.count} if guard.count else {})
+            metrics.update(run.peak_memory(accelerator.device))
             loop.log(done, metrics, bar)
             window, clock, tokens = [], time.perf_counter(), 0
         if cadence.eval(done):
