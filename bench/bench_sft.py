@@ -107,7 +107,8 @@ def run_align(recipe: Path, run_dir: Path, processes: int, warmup: int) -> dict:
     else:
         command = [sys.executable, *cli]
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": path})
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     steps = [r for r in records if "train/tokens_per_s" in r][warmup:]
     if not steps:
