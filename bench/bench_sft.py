@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def run_align(recipe: Path, run_dir: Path, processes: int, warmup: int) -> dict:
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": path})
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    shutil.rmtree(run_dir)  # a preset base is saved in the run (31 GB at V2-Lite): keep the disk free
     steps = [r for r in records if "train/tokens_per_s" in r][warmup:]
     if not steps:
         raise RuntimeError(f"{run_dir}/metrics.jsonl: no step after the {warmup} warm-up steps")
@@ -297,6 +299,7 @@ def profile_product(recipe: Path, run_dir: Path, segments: bool, device: str) ->
             sft.run_sft(parsed)
         finally:
             sft.train_step, layout.segments_enabled = step, enabled
+            shutil.rmtree(run_dir, ignore_errors=True)
     events = prof.key_averages()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
