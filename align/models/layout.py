@@ -85,11 +85,10 @@ def attention_layout(
     None (plain causal), Segments, or a dense mask.
 
     position_ids [B, S] restarting inside a row mark packed documents (ignored over cached keys);
-    attention_mask [B, past+S] (1 = real token), None or all ones = no padding."""
+    attention_mask [B, past+S] (1 = real token) or None = no padding (pass None rather than all ones: a
+    mask sends the forward to Segments or the dense mask)."""
     batch, seq = shape or x.shape[:2]
     doc_ids = None if position_ids is None or past else document_ids(position_ids)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
     if doc_ids is not None and attention_mask is None and bool((doc_ids[:, -1] == 1).all()):
         doc_ids = None  # one document per row: plain causal
     if past == 0 and (doc_ids is not None or attention_mask is not None) and segments_enabled(x):

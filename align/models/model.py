@@ -166,11 +166,11 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
         mask = attention_layout(x, position_ids, attention_mask, past)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, seq)  # [B, S]
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
         token_mask = None if attention_mask is None else attention_mask[:, past:]
         cos, sin = self.rotary_emb(position_ids)
         aux_total = None

@@ -173,7 +173,8 @@ def balance_loss(
     """
     n_experts, k = scores.shape[1], experts.shape[1]
     mask = scores.new_ones(scores.shape[0]) if token_mask is None else token_mask.reshape(-1).to(scores.dtype)
-    hits = F.one_hot(experts, n_experts).to(scores.dtype).sum(1) * mask[:, None]  # [B*S, E]
+    hits = scores.new_zeros(scores.shape).scatter_add_(1, experts, scores.new_ones(experts.shape))  # [B*S, E]
+    hits = hits * mask[:, None]  # (not F.one_hot: it checks the ids' range on the host, two syncs a layer)
     weighted = scores * mask[:, None]
     if seq_aux:
         hits, weighted, mask = (t.view(batch, -1, *t.shape[1:]) for t in (hits, weighted, mask))
