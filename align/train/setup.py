@@ -71,12 +71,15 @@ class Setup:
     trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
 
     mode: ClassVar[str]  # "full" | "lora" | "esft"
+    label: ClassVar[str]  # the mode's name in messages
     auto_distribution: ClassVar[str]  # with more than one process and train.distributed=auto
 
     @classmethod
     def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
         if accelerator.num_processes == 1:
             return "single"
+        if requested == "fsdp" and cls.auto_distribution != "fsdp":
+            raise ValueError(f"train.distributed=fsdp is for full fine-tuning; {cls.label} runs use ddp (or auto)")
         return cls.auto_distribution if requested == "auto" else requested
 
     @staticmethod
@@ -135,6 +138,7 @@ class FullSetup(Setup):
     frozen: torch.nn.Module | None = None  # the starting weights (`keep_reference`)
 
     mode: ClassVar[str] = "full"
+    label: ClassVar[str] = "full fine-tuning"
     auto_distribution: ClassVar[str] = "fsdp"
 
     @staticmethod
@@ -173,13 +177,8 @@ class LoRASetup(Setup):
     base_ref: str | None = None  # directory of the frozen base the adapter applies to
 
     mode: ClassVar[str] = "lora"
+    label: ClassVar[str] = "LoRA"
     auto_distribution: ClassVar[str] = "ddp"
-
-    @classmethod
-    def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
-        if accelerator.num_processes > 1 and requested == "fsdp":
-            raise ValueError("train.distributed=fsdp is for full fine-tuning; LoRA runs use ddp (or auto)")
-        return super().distribution_for(requested, accelerator)
 
     @staticmethod
     def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
@@ -220,6 +219,7 @@ class ESFTSetup(FullSetup):
     experts_path: Path | None = None  # <run_dir>/esft_experts.json
 
     mode: ClassVar[str] = "esft"
+    label: ClassVar[str] = "ESFT"
     auto_distribution: ClassVar[str] = "ddp"
     STATE_DIR: ClassVar[str] = "esft"
     TENSORS: ClassVar[str] = "trainable.safetensors"
@@ -230,12 +230,6 @@ class ESFTSetup(FullSetup):
     def sync(self) -> None:
         for module in self.sliced:
             module.sync_()
-
-    @classmethod
-    def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
-        if accelerator.num_processes > 1 and requested == "fsdp":
-            raise ValueError("train.distributed=fsdp is for full fine-tuning; ESFT runs use ddp (or auto)")
-        return super().distribution_for(requested, accelerator)
 
     @staticmethod
     def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
