@@ -18,15 +18,13 @@ from tests.test_cli import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny_default")
-    sft = run_cli("sft", str(ROOT / "recipes" / "tiny_sft.yaml"), f"output.run_dir={base / 'sft'}",
-                  "output.progress=false", timeout=900)
-    assert sft.returncode == 0, sft.stdout[-4000:] + sft.stderr[-4000:]
+def runs(tiny_sft_default):
+    sft_dir, sft_out = tiny_sft_default  # conftest.py: shared with the ESFT recipe's test
+    base = sft_dir.parent
     rl = run_cli("rl", str(ROOT / "recipes" / "tiny_rl.yaml"), f"model.path={base / 'sft' / 'final'}",
                  f"output.run_dir={base / 'rl'}", "output.progress=false", timeout=900)
     assert rl.returncode == 0, rl.stdout[-4000:] + rl.stderr[-4000:]
-    return base, sft.stdout, rl.stdout
+    return base, sft_out, rl.stdout
 
 
 def exact_matches(run_dir) -> list[tuple[int, float]]:

@@ -89,6 +89,17 @@ class LoRASection:
 
 
 @dataclass
+class ESFTSection:
+    """Expert-Specialized Fine-Tuning (align/train/esft.py): train only the routed experts the task uses."""
+
+    score: Literal["token", "gate"] = "token"  # token: share of top-k choices; gate: share of gate weight
+    top_p: float = ranged(0.2, Range(0, 1, open_low=True))  # per layer: fewest experts whose scores reach this share
+    sample_tokens: int = ranged(131072, AT_LEAST_1)  # training tokens the scoring pass routes
+    train_shared_experts: bool = False
+    train_non_expert_modules: bool = False  # attention, norms, embeddings, dense MLPs, router gates, LM head
+
+
+@dataclass
 class OptimSection:
     lr: float = ranged(2e-4, POSITIVE)
     betas: list[float] = ranged([0.9, 0.95], Range(0, 1, open_high=True))
@@ -180,6 +191,12 @@ class RecipeBase:
 class SFTRecipe(RecipeBase):
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    esft: ESFTSection | None = None  # null = no ESFT; set: ESFT instead of LoRA / full fine-tuning
+
+    def validate(self, where: str) -> None:
+        if self.esft is not None and self.lora is not None:
+            raise RecipeError(f"{where}: 'esft' and 'lora' are exclusive fine-tuning modes; set one of them "
+                              f"to null (lora=null for ESFT, esft=null for LoRA)")
 
 
 # ------------------------------------------------------------------------------------- RL schema

@@ -4,6 +4,8 @@ Layout of `<run_dir>/checkpoints/step-000100/`:
     adapter/             LoRA runs: a PEFT adapter directory (adapter_config.json +
                          adapter_model.safetensors), loadable with peft onto transformers' DeepseekV2
     model/               full fine-tuning: a hub-layout checkpoint (config.json + safetensors) + tokenizer
+    esft/                ESFT: trainable.safetensors (the trained slices by parameter name, applied to the
+                         recipe's base on resume), esft_experts.json (the choice, reused), tokenizer
     optimizer.safetensors  AdamW state tensors by parameter name, unsharded (any world size / mode
     optimizer.json         can resume), and the param groups / which tensors each parameter has
     scheduler.json         LambdaLR state

@@ -1,7 +1,7 @@
-"""The model a run trains, in one object per mode: `FullSetup` (every weight) and `LoRASetup` (adapters on
-a frozen base). Loops ask the setup instead of testing the mode: `save` (the weights of a checkpoint),
-`final_state` / `final_model` (<run_dir>/final), `unwrapped`, `grad_sync`, `reference` (the starting
-weights, for a frozen pass).
+"""The model a run trains, in one object per mode: `FullSetup` (every weight), `LoRASetup` (adapters on
+a frozen base) and `ESFTSetup` (the routed experts the task uses, align/train/esft.py). Loops ask the
+setup instead of testing the mode: `save` (the weights of a checkpoint), `final_state` / `final_model`
+(<run_dir>/final), `unwrapped`, `grad_sync`, `reference` (the starting weights, for a frozen pass).
 
 Processes: one ('single'), DDP over a replicated model, or FSDP2 (`fully_shard` per decoder layer, full
 fine-tuning only); `train.distributed=auto` picks the mode's own (`auto_distribution`).
@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from align.recipe import RecipeBase
 from align.train import checkpointing as ckpt
+from align.train import esft
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.optim import build_optimizer, build_scheduler
 
@@ -69,18 +70,22 @@ class Setup:
     head: torch.nn.Module | None = None  # the LM head when the loss may use it outside the forward
     trainer_state: dict = field(default_factory=dict)  # of the checkpoint resumed (counters to carry on)
 
-    mode: ClassVar[str]  # "full" | "lora" (ESFT would be another subclass)
+    mode: ClassVar[str]  # "full" | "lora" | "esft"
+    label: ClassVar[str]  # the mode's name in messages
     auto_distribution: ClassVar[str]  # with more than one process and train.distributed=auto
 
     @classmethod
     def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
         if accelerator.num_processes == 1:
             return "single"
+        if requested == "fsdp" and cls.auto_distribution != "fsdp":
+            raise ValueError(f"train.distributed=fsdp is for full fine-tuning; {cls.label} runs use ddp (or auto)")
         return cls.auto_distribution if requested == "auto" else requested
 
     @staticmethod
-    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
-        """(the model to train, extra Setup fields), restored from checkpoint `resume` when given."""
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
+        """(the model to train, extra Setup fields), restored from checkpoint `resume` when given. task: the
+        training rows (`train`, `tokens`, `collate`, as sft.SFTData), for a mode that looks at them (ESFT)."""
         raise NotImplementedError
 
     @property
@@ -133,10 +138,11 @@ class FullSetup(Setup):
     frozen: torch.nn.Module | None = None  # the starting weights (`keep_reference`)
 
     mode: ClassVar[str] = "full"
+    label: ClassVar[str] = "full fine-tuning"
     auto_distribution: ClassVar[str] = "fsdp"
 
     @staticmethod
-    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
         return load_base_model(recipe, accelerator.device, resume / "model" if resume is not None else None), {}
 
     def save(self, out: Path, tokenizer) -> None:
@@ -171,16 +177,11 @@ class LoRASetup(Setup):
     base_ref: str | None = None  # directory of the frozen base the adapter applies to
 
     mode: ClassVar[str] = "lora"
+    label: ClassVar[str] = "LoRA"
     auto_distribution: ClassVar[str] = "ddp"
 
-    @classmethod
-    def distribution_for(cls, requested: str, accelerator: Accelerator) -> str:
-        if accelerator.num_processes > 1 and requested == "fsdp":
-            raise ValueError("train.distributed=fsdp is for full fine-tuning; LoRA runs use ddp (or auto)")
-        return super().distribution_for(requested, accelerator)
-
     @staticmethod
-    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None) -> tuple:
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
         model = load_base_model(recipe, accelerator.device)
         base_ref = base_reference(recipe, model, tokenizer, accelerator)
         lo = recipe.lora
@@ -205,6 +206,94 @@ class LoRASetup(Setup):
         """The live model with its adapters disabled: the base."""
         with self.unwrapped.disable_adapter():
             yield self.model
+
+
+@dataclass
+class ESFTSetup(FullSetup):
+    """ESFT: only the chosen routed experts' slices train (align/models/expert_slices.py: parameters of their
+    own, written back into the frozen stacked tensors after every optimizer step). Step checkpoints hold the
+    trained tensors and esft_experts.json (resume loads the recipe's base and reuses the choice, never
+    rescoring); <run_dir>/final is the full hub layout, bit-identical to the base outside the chosen experts."""
+
+    sliced: list = field(default_factory=list)  # the SlicedExperts modules
+    experts_path: Path | None = None  # <run_dir>/esft_experts.json
+
+    mode: ClassVar[str] = "esft"
+    label: ClassVar[str] = "ESFT"
+    auto_distribution: ClassVar[str] = "ddp"
+    STATE_DIR: ClassVar[str] = "esft"
+    TENSORS: ClassVar[str] = "trainable.safetensors"
+
+    def __post_init__(self) -> None:
+        self.optimizer.register_step_post_hook(lambda *_: self.sync())
+
+    def sync(self) -> None:
+        for module in self.sliced:
+            module.sync_()
+
+    @staticmethod
+    def load(recipe: RecipeBase, tokenizer, accelerator: Accelerator, resume: Path | None, task=None) -> tuple:
+        model = load_base_model(recipe, accelerator.device)
+        choice = esft_choice(recipe, model, task, accelerator, resume)
+        if accelerator.is_main_process:
+            print(choice.summary(model.config.n_routed_experts), flush=True)
+        e = recipe.esft
+        sliced = esft.freeze_for_esft(model, choice, e.train_shared_experts, e.train_non_expert_modules)
+        if resume is not None:
+            load_tensors(model, resume / ESFTSetup.STATE_DIR / ESFTSetup.TENSORS)
+            for module in sliced:
+                module.sync_()
+        return model, {"sliced": sliced, "experts_path": Path(recipe.output.run_dir) / esft.EXPERTS_FILE}
+
+    def save(self, out: Path, tokenizer) -> None:
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            state = out / self.STATE_DIR
+            state.mkdir()
+            tensors = {k: v.cpu().contiguous() for k, v in esft.tuned_state(self.unwrapped).items()}
+            save_file(tensors, str(state / self.TENSORS))
+            (state / esft.EXPERTS_FILE).write_text(self.experts_path.read_text(encoding="utf-8"), encoding="utf-8")
+            tokenizer.save_pretrained(state)
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return esft.base_state(self.unwrapped)
+
+
+def esft_choice(recipe: RecipeBase, model, task, accelerator: Accelerator, resume: Path | None) -> esft.Choice:
+    """The experts to train: a resumed run's from its checkpoint, else from the scoring pass (all processes);
+    the main process writes <run_dir>/esft_experts.json and every process reads it back."""
+    e, path = recipe.esft, Path(recipe.output.run_dir) / esft.EXPERTS_FILE
+    if resume is not None:
+        choice = esft.read_choice(resume / ESFTSetup.STATE_DIR / esft.EXPERTS_FILE)
+    else:
+        if task is None:
+            raise ValueError("esft: the scoring pass needs the training rows (this loop does not pass them)")
+        sums, samples, tokens = esft.score_experts(model, task, e.sample_tokens, recipe.train.seed,
+                                                   recipe.eval.batch_size, accelerator, recipe.output.progress)
+        choice = esft.choose(sums, esft.moe_layers(model), e.score, e.top_p, samples, tokens)
+    if accelerator.is_main_process:
+        esft.write_choice(choice, path)
+    accelerator.wait_for_everyone()
+    return esft.read_choice(path)
+
+
+def load_tensors(model: torch.nn.Module, path: Path) -> None:
+    """The trained tensors of a step checkpoint into the model's trainable parameters (all of them)."""
+    from safetensors.torch import load_file
+
+    from align.models.checkpoint import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the ESFT checkpoint is incomplete")
+    saved, params = load_file(str(path)), dict(model.named_parameters())
+    trainable = {k for k, p in params.items() if p.requires_grad}
+    if set(saved) != trainable:
+        raise CheckpointError(f"{path}: holds {sorted(set(saved) ^ trainable)[:6]} that this recipe's "
+                              f"trained parameters do not (or the reverse); resume with the recipe that wrote it")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
 
 
 def base_reference(recipe: RecipeBase, model, tokenizer, accelerator: Accelerator) -> str:
@@ -267,16 +356,23 @@ def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> N
         )
 
 
+def setup_kind(recipe: RecipeBase) -> type[Setup]:
+    if getattr(recipe, "esft", None) is not None:
+        return ESFTSetup
+    return FullSetup if recipe.lora is None else LoRASetup
+
+
 def setup_model(
     recipe: RecipeBase, tokenizer, accelerator: Accelerator, steps: int, rows_per_step: int, say,
-    resume: Path | None, run_steps: int | None = None,
+    resume: Path | None, run_steps: int | None = None, task=None,
 ) -> Setup:
-    """Model (+LoRA), wrapping, optimizer, scheduler; restored from checkpoint `resume` when given.
-    run_steps: the steps of the run as checkpoints count them (default `steps`, the optimizer steps)."""
+    """Model (+LoRA / ESFT), wrapping, optimizer, scheduler; restored from checkpoint `resume` when given.
+    run_steps: the steps of the run as checkpoints count them (default `steps`, the optimizer steps).
+    task: the training rows, for a mode that looks at them (ESFT's scoring pass)."""
     if resume is not None:
         check_resume_position(resume, run_steps or steps, rows_per_step)
-    kind = FullSetup if recipe.lora is None else LoRASetup
-    model, extra = kind.load(recipe, tokenizer, accelerator, resume)
+    kind = setup_kind(recipe)
+    model, extra = kind.load(recipe, tokenizer, accelerator, resume, task)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     say(trainable_summary(model))

@@ -191,7 +191,7 @@ def _run_sft(recipe: SFTRecipe) -> dict:
         data = prepare_data(recipe, tokenizer, accelerator, say)
         rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
         steps = total_steps(recipe, len(data.train), rows_per_step)
-        setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, opened.resume)
+        setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, opened.resume, task=data)
         run.write_recipe(opened, recipe, accelerator)
     say(f"{accelerator.num_processes} process(es), {setup.distribution}, device {accelerator.device}, "
         f"{steps} steps of {rows_per_step} rows ({steps * rows_per_step / len(data.train):.2f} epochs)")
