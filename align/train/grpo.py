@@ -120,6 +120,8 @@ def loss_config(g: GRPOSection) -> GRPOLossConfig:
     return GRPOLossConfig(
         beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta, loss_type=g.loss_type,
         importance_sampling_level=g.importance_sampling_level, max_completion_length=g.max_completion_length,
+        sapo_temperature_neg=g.sapo_temperature_neg, sapo_temperature_pos=g.sapo_temperature_pos,
+        top_entropy_quantile=g.top_entropy_quantile,
     )
 
 
@@ -246,7 +248,7 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
             logps, entropy = completion_logprobs_entropy(setup.model, head, part, g.temperature)
         loss, metrics = grpo_loss(
             logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
-            grad_accum_steps=len(starts),
+            grad_accum_steps=len(starts), entropies=entropy,
         )
         accelerator.backward(loss)
         total += loss.item()  # micro-batch losses sum to the step's objective
