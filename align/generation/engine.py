@@ -27,7 +27,7 @@ from align.generation.routing import RoutingRecorder
 from align.generation.sampling import SamplingParams, choose
 from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_linear_sync_free
-from align.models.config import is_moe_layer
+from align.models.config import moe_layers
 from align.models.moe import RoutingTrace
 
 STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
@@ -174,8 +174,7 @@ class GenerationEngine:
 
     def _prepare_recorder(self, record: bool, slots: int, max_new: int) -> None:
         """Routing buffers for a recording call (kept between calls; a new shape drops the graphs)."""
-        config = self.lm.config
-        self.recording = record and any(is_moe_layer(config, i) for i in range(config.num_hidden_layers))
+        self.recording = record and bool(moe_layers(self.lm.config))
         if not self.recording:
             return
         if self.recorder is None or self.recorder.decoded.shape[1:3] != (slots, max_new):

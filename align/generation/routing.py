@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from align.models.config import is_moe_layer
+from align.models.config import moe_layers
 from align.models.moe import RoutingTrace
 
 
@@ -28,7 +28,7 @@ class RoutingRecorder:
     """Routing buffers of one generate call: decode [moe_layers, slots, max_new, k], prompts by index."""
 
     def __init__(self, config, slots: int, max_new: int, device):
-        self.layers = [i for i in range(config.num_hidden_layers) if is_moe_layer(config, i)]
+        self.layers = moe_layers(config)
         self.k, self.dtype = config.num_experts_per_tok, routing_dtype(config.n_routed_experts)
         shape = (len(self.layers), slots, max_new, self.k)
         self.decoded = torch.full(shape, -1, dtype=self.dtype, device=device)

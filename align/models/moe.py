@@ -67,18 +67,24 @@ class RoutingTrace:
 
     Pass as `routing=` to the model's forward. replay: MoE layer index -> experts [B*S, k] (e.g. a
     previous trace's `experts()`; rows of -1: the gate chooses); with_scores: compute every layer's
-    gate scores. After the
+    gate scores; own_choice: also record what each layer would pick by itself (`own`), replay or not. After the
     forward, `layers[i]` is MoE layer i's Routing, detached (a layer re-run by gradient checkpointing
     records the same routing again).
     """
 
-    def __init__(self, replay: dict[int, torch.Tensor] | None = None, with_scores: bool = False):
+    def __init__(
+        self, replay: dict[int, torch.Tensor] | None = None, with_scores: bool = False, own_choice: bool = False
+    ):
         self.replay = dict(replay or {})
-        self.with_scores = with_scores
+        self.with_scores = with_scores or own_choice
+        self.own_choice = own_choice
         self.layers: dict[int, Routing] = {}
+        self.own: dict[int, torch.Tensor] = {}  # own_choice: the experts each layer picks by itself [B*S, k]
 
-    def record(self, layer: int, routing: Routing) -> None:
+    def record(self, layer: int, routing: Routing, own: torch.Tensor | None = None) -> None:
         self.layers[layer] = Routing(*(None if t is None else t.detach() for t in routing))
+        if own is not None:
+            self.own[layer] = own
 
     def experts(self) -> dict[int, torch.Tensor]:
         """Layer index -> the experts it used [B*S, k]: a replay for a later forward."""
@@ -217,7 +223,8 @@ class MoE(nn.Module):
         with_scores = want_aux or (trace is not None and trace.with_scores)
         routing = self.gate(flat, with_scores=with_scores, experts=forced)
         if trace is not None:
-            trace.record(self.layer_idx, routing)
+            own = self.gate.choose(routing.scores.detach()) if trace.own_choice else None
+            trace.record(self.layer_idx, routing, own)
         out = self.experts(flat, routing.weights, routing.experts).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -233,6 +233,9 @@ class GRPOSection:
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
+    # MoE: the policy's forwards route each rollout token to the experts the engine used (recomputing
+    # only the gate weights); none: they route by themselves
+    routing_replay: Literal["none", "rollout"] = "none"
     micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward
     rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine
     # rounds in a row in which every reward raised or returned None (no learning signal) before the

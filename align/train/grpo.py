@@ -38,8 +38,9 @@ from align.train.advantages import group_advantages, reward_std
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import progress_bar
+from align.train.moe_metrics import MoEMetrics
 from align.train.order import DataOrder
-from align.train.rollout_batch import RolloutBatch, completion_logprobs, completion_logprobs_entropy, make_batch
+from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch, policy_pass
 from align.train.run import (
     Cadence,
     Log,
@@ -136,6 +137,7 @@ class Rollout:
     finish: list[str]  # "stop" | "length"
     sample_logprobs: list[list[float]]  # from the engine, at the sampling temperature
     texts: list[str]
+    routing: list | None = None  # per completion, the engine's experts [fed positions, moe_layers, k] (MoE)
 
 
 def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer) -> Rollout:
@@ -144,7 +146,7 @@ def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer
     results = engine.generate(
         [r["prompt_ids"] for r in rows], max_new_tokens=g.max_completion_length, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, n=g.num_generations, eos_token_id=tokenizer.eos_token_id,
-        seed=recipe.train.seed * 1_000_003 + step,
+        seed=recipe.train.seed * 1_000_003 + step, record_routing=True,
     )
     flat = [(row, c) for row, completions in zip(rows, results, strict=True) for c in completions]
     return Rollout(
@@ -152,6 +154,7 @@ def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer
         completion_ids=[c.token_ids for _, c in flat], finish=[c.finish_reason for _, c in flat],
         sample_logprobs=[c.logprobs for _, c in flat],
         texts=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c in flat],
+        routing=[c.routing for _, c in flat] if flat and flat[0][1].routing is not None else None,
     )
 
 
@@ -208,19 +211,21 @@ def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer
 
     pad = padding_id(tokenizer)
     fn = truncated_off if recipe.grpo.mask_truncated_completions else None
-    return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device)
+    return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device, ro.sample_logprobs, ro.routing)
 
 
 @torch.no_grad()
-def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerator) -> torch.Tensor:
-    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
+def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerator,
+                    replay: bool = False) -> torch.Tensor:
+    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch; replay: route by
+    the rollout's recorded experts (the old policy under grpo.routing_replay: rollout)."""
     was_training = model.training
     model.eval()
     parts = []
     for start in range(0, len(batch), g.micro_batch_size):
         part = batch.rows(start, start + g.micro_batch_size)
         with accelerator.autocast():
-            lp = completion_logprobs(model, head, part, g.temperature)
+            lp = completion_logprobs(model, head, part, g.temperature, replay)
         parts.append(torch.nn.functional.pad(lp, (0, batch.completion_ids.shape[1] - lp.shape[1])))
     model.train(was_training)
     return torch.cat(parts)
@@ -228,16 +233,23 @@ def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerato
 
 def add_old_and_ref(setup: Setup, head, batch: RolloutBatch, g: GRPOSection) -> None:
     if g.num_iterations > 1:
-        batch.old_logps = frozen_logprobs(setup.model, head, batch, g, setup.accelerator)
-    if g.beta > 0:
+        batch.old_logps = frozen_logprobs(setup.model, head, batch, g, setup.accelerator, replays(g, batch))
+    if g.beta > 0:  # the reference routes by itself: it is another model
         with setup.reference() as ref:
             batch.ref_logps = frozen_logprobs(ref, ref.get_output_embeddings(), batch, g, setup.accelerator)
 
 
-def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection,
-                   max_grad_norm: float | None, head) -> tuple[dict[str, float], bool]:
+def replays(g: GRPOSection, batch: RolloutBatch) -> bool:
+    """Whether the policy's forwards replay the rollout's routing (grpo.routing_replay, a MoE rollout)."""
+    return g.routing_replay == "rollout" and batch.routing is not None
+
+
+def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection, max_grad_norm: float | None,
+                   head, observe: MoEMetrics | None = None) -> tuple[dict[str, float], bool]:
     """One optimizer step over every completion of the round (gradient accumulation over micro-batches):
-    (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf)."""
+    (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf).
+    The MoE balance loss (train.aux_loss_alpha, in training mode) is added per micro-batch / their count,
+    as TRL adds router_aux_loss_coef · aux; observe: collects the routing metrics of these forwards."""
     accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
     n_items = batch.loss_mask.sum()
@@ -245,15 +257,21 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
     for start in starts:
         part = batch.rows(start, start + size)
         with accelerator.autocast():
-            logps, entropy = completion_logprobs_entropy(setup.model, head, part, g.temperature)
+            out = policy_pass(setup.model, head, part, g.temperature, replay=replays(g, part),
+                              observe=observe is not None)
         loss, metrics = grpo_loss(
-            logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
-            grad_accum_steps=len(starts), entropies=entropy,
+            out.logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
+            grad_accum_steps=len(starts), entropies=out.entropy,
         )
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss / len(starts)
+            metrics["aux_loss"] = out.aux_loss.detach()
         accelerator.backward(loss)
         total += loss.item()  # micro-batch losses sum to the step's objective
-        metrics["entropy"] = (entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
+        metrics["entropy"] = (out.entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
+        if observe is not None:
+            observe.add(out, part)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     skipped = guards.any_nonfinite(torch.tensor([total, norm.item()]), accelerator)
@@ -282,16 +300,21 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 def update(setup: Setup, batch: RolloutBatch, g: GRPOSection,
            max_grad_norm: float | None) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
-    optimizer steps over `batch`. Returns the mean of their metrics, and the loss / grad norm of each
-    step that was not applied (NaN / inf)."""
+    optimizer steps over `batch`. Returns the mean of their metrics (with the first step's routing
+    metrics, align.train.moe_metrics, under their own `policy/` and `moe/` names), and the loss / grad
+    norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after."""
     head = setup.unwrapped.get_output_embeddings()
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
-    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head) for _ in range(g.num_iterations)]
+    observe = MoEMetrics(setup.unwrapped.config)
+    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head, observe if i == 0 else None)
+             for i in range(g.num_iterations)]
+    batch.routing = None
     runs = [r for r, _ in steps]
     skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r, was in steps if was]
     out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
+    out.update(observe.summary())
     return out, skipped
 
 
@@ -344,6 +367,9 @@ def _run_rl(recipe: RLRecipe) -> dict:
         return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say))
 
 
+OWN_NAMES = ("policy/", "moe/")  # update metrics logged under their own names, not train/
+
+
 @dataclass
 class Round:
     """What one GRPO round produced: its metrics, its rollout and rewards (for completions.jsonl), the
@@ -366,9 +392,10 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
     scored = time.perf_counter()
     batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
+    ro.routing = None  # the batch holds it until the update frees it
     updates, skipped = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
     done = time.perf_counter()
-    metrics.update({f"train/{k}": v for k, v in updates.items()})
+    metrics.update({k if k.startswith(OWN_NAMES) else f"train/{k}": v for k, v in updates.items()})
     metrics.update(advantage_metrics(reward, advantages, recipe))
     metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
     tokens = sum(len(c) for c in ro.completion_ids)
