@@ -236,6 +236,10 @@ class GRPOSection:
     # MoE: the policy's forwards route each rollout token to the experts the engine used (recomputing
     # only the gate weights); none: they route by themselves
     routing_replay: Literal["none", "rollout"] = "none"
+    # DAPO dynamic sampling: drop groups whose rewards are all equal, generate more prompts until the step
+    # holds prompts_per_step informative groups, at most max_sampling_rounds extra rounds per step
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = ranged(4, AT_LEAST_1)
     micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward
     rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine
     # rounds in a row in which every reward raised or returned None (no learning signal) before the

@@ -35,6 +35,7 @@ from align.recipe import GRPOSection, RLRecipe
 from align.train import checkpointing as ckpt
 from align.train import guards, rundir
 from align.train.advantages import group_advantages, reward_std
+from align.train.dynamic_sampling import fill_groups
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import progress_bar
@@ -139,14 +140,26 @@ class Rollout:
     texts: list[str]
     routing: list | None = None  # per completion, the engine's experts [fed positions, moe_layers, k] (MoE)
 
+    @classmethod
+    def take(cls, parts: list[tuple[Rollout, list[int]]], group: int) -> Rollout:
+        """The rows of the listed groups (consecutive `group` rows) of each rollout, in order."""
+        rows = [(ro, i) for ro, groups in parts for g in groups for i in range(g * group, (g + 1) * group)]
+        routed = all(ro.routing is not None for ro, _ in parts)
+        return cls(
+            rows=[ro.rows[i] for ro, i in rows], prompt_ids=[ro.prompt_ids[i] for ro, i in rows],
+            completion_ids=[ro.completion_ids[i] for ro, i in rows], finish=[ro.finish[i] for ro, i in rows],
+            sample_logprobs=[ro.sample_logprobs[i] for ro, i in rows], texts=[ro.texts[i] for ro, i in rows],
+            routing=[ro.routing[i] for ro, i in rows] if routed else None,
+        )
 
-def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer) -> Rollout:
-    """G completions per prompt from the engine; seeded by (train seed, step)."""
+
+def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer, round_: int = 0) -> Rollout:
+    """G completions per prompt from the engine; seeded by (train seed, step, round: dynamic sampling's)."""
     g = recipe.grpo
     results = engine.generate(
         [r["prompt_ids"] for r in rows], max_new_tokens=g.max_completion_length, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, n=g.num_generations, eos_token_id=tokenizer.eos_token_id,
-        seed=recipe.train.seed * 1_000_003 + step, record_routing=True,
+        seed=recipe.train.seed * 1_000_003 + step + round_ * 100_000_007, record_routing=True,
     )
     flat = [(row, c) for row, completions in zip(rows, results, strict=True) for c in completions]
     return Rollout(
@@ -389,6 +402,10 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
     generated = time.perf_counter()
     reward, metrics, failure = score_rollout(run.rewards, ro, recipe)
+    if recipe.grpo.dynamic_sampling:  # extra rounds: generation and scoring, timed together
+        topped = time.perf_counter()
+        ro, reward, sampled = dynamic_round(run, step, order, ro, reward)
+        metrics.update({**sampled, "time/dynamic_sampling": time.perf_counter() - topped})
     advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
     scored = time.perf_counter()
     batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
@@ -403,6 +420,21 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
                     "time/update": done - scored, "time/step": done - clock,
                     "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
     return Round(metrics, ro, reward, skipped, failure)
+
+
+def dynamic_round(run: Run, step: int, order: DataOrder, ro: Rollout,
+                  reward: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """Dynamic sampling (align.train.dynamic_sampling): the step's informative groups, topped up by
+    extra rounds. Reward metrics stay those of the first round."""
+    g = run.recipe.grpo
+
+    def sample(round_: int) -> tuple[Rollout, torch.Tensor]:
+        rows = [run.data.train[i] for i in order.extra_rows(step, round_)]
+        extra = rollout(run.engine, rows, run.recipe, step, run.tokenizer, round_)
+        return extra, score_rollout(run.rewards, extra, run.recipe)[0]
+
+    return fill_groups((ro, reward), sample, lambda parts: Rollout.take(parts, g.num_generations),
+                       g.prompts_per_step, g.num_generations, g.max_sampling_rounds, run.setup.accelerator)
 
 
 def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> None:
