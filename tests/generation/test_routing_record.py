@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from align.generation import GenerationEngine
@@ -52,3 +53,16 @@ def test_dense_model_records_nothing_and_dtype_fits_the_experts():
     model = build_model("tiny", seed=7, first_k_dense_replace=3)
     assert all(c.routing is None for row in generate(model, record=True) for c in row)
     assert routing_dtype(64) == torch.int8 and routing_dtype(128) == torch.int8 and routing_dtype(160) == torch.int16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recording_inside_cuda_graphs_equals_eager():
+    model = build_model("tiny", seed=8, dtype=torch.bfloat16, device_map="cuda")
+    graphed = GenerationEngine(model, max_batch=4, refill_every=3, cuda_graphs=True)
+    eager = GenerationEngine(model, max_batch=4, refill_every=3, cuda_graphs=False)
+    kwargs = {"max_new_tokens": 6, "temperature": 1.0, "n": 2, "seed": 3, "record_routing": True}
+    a, b = graphed.generate(PROMPTS, **kwargs), eager.generate(PROMPTS, **kwargs)
+    assert graphed.graphs.enabled and graphed.graphs.graphs
+    for row_a, row_b in zip(a, b, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert x.token_ids == y.token_ids and torch.equal(x.routing, y.routing)
