@@ -3,6 +3,7 @@
 python bench/bench_grpo.py --out grpo.json                # GPU: deepseek-v2-lite, random bf16 weights (budget ~5 min)
 python bench/bench_grpo.py --out grpo.json --skip-trl     # align only
 python bench/bench_grpo.py --smoke --out smoke.json       # CPU: tiny preset, fp32, G=4, 4 prompts, 16+16 tokens
+python bench/bench_grpo.py --skip-trl --routing-replay none rollout --out replay.json   # replay off vs on
 
 One step = --prompts prompts of --prompt-len random tokens x --generations completions of exactly
 --completion-len tokens (no EOS can end them), sampled at temperature 1; a trivial reward (fraction of even
@@ -14,7 +15,11 @@ align: GenerationEngine (n = G, CUDA graphs on Hopper bf16) -> rewards.score + g
 -> align.train.grpo.update, the update `align rl` runs (per micro-batch: completion log-probs and entropy by
 the fused linear log-prob kernel + grpo_loss under bf16 autocast; then clip, AdamW from align.train.optim,
 constant schedule) on a LoRASetup (align.train.setup). Timed: generation (incl. decoding the texts), scoring,
-update; one warm-up step first (graph capture, optimizer state), then the timed step.
+update; one warm-up step first (graph capture, optimizer state), then the timed step. --routing-replay: one
+or more of none | rollout (grpo.routing_replay), each timed the same way on the same model in turn (the
+engine records the experts in both, as `align rl` does); every step reports `policy/logprob_mismatch`,
+`moe/routing_agreement` and the expert-load summary of the update (align.train.moe_metrics). TRL is compared
+with the first mode's steps.
 TRL: transformers' own DeepseekV2ForCausalLM (sdpa, grouped_mm experts: its best built-in path) whose parameters ARE the
 tensors align used (assigned, not copied; align's model and adapters are freed first), the same LoRA config,
 trl.GRPOTrainer (transformers generate, use_vllm off, bf16, per_device_train_batch_size = --micro-batch,
@@ -132,14 +137,17 @@ def build_align(args):
     return setup, base_state
 
 
-def grpo_section(args) -> GRPOSection:
+def grpo_section(args, replay: str) -> GRPOSection:
     """The GRPO options of the step: beta 0, one optimizer step (loss dapo), temperature 1."""
     return GRPOSection(prompts_per_step=args.prompts, num_generations=args.generations,
                        max_completion_length=args.completion_len, temperature=1.0, num_iterations=1, beta=0.0,
-                       loss_type="dapo", micro_batch_size=args.micro_batch)
+                       loss_type="dapo", micro_batch_size=args.micro_batch, routing_replay=replay)
 
 
-def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int) -> dict:
+ROUTING_KEYS = ("policy/logprob_mismatch", "moe/routing_agreement", "moe/load_max_over_mean", "moe/load_entropy")
+
+
+def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int, replay: str) -> dict:
     """generation -> scoring -> update, each timed (synchronised)."""
     from rewards import score
     from rewards.registry import WeightedReward
@@ -149,8 +157,9 @@ def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int)
     sync(device)
     clock = time.perf_counter()
     results = engine.generate(prompt_ids, max_new_tokens=args.completion_len, temperature=1.0, n=g,
-                              eos_token_id=None, seed=seed)
-    completions = [c.token_ids for row in results for c in row]
+                              eos_token_id=None, seed=seed, record_routing=True)
+    flat = [c for row in results for c in row]
+    completions = [c.token_ids for c in flat]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     sync(device)
     generated = time.perf_counter()
@@ -158,9 +167,12 @@ def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int)
     totals, _, _ = score([WeightedReward("even_ids", even_ids)], prompts, texts, {"completion_ids": completions})
     advantages = group_advantages(torch.tensor(totals, dtype=torch.float32), g, "group")
     scored = time.perf_counter()
-    batch = make_batch(prompts, completions, advantages, special_ids(setup.model.config)["pad"], None, device)
+    routing = [c.routing for c in flat] if flat[0].routing is not None else None
+    batch = make_batch(prompts, completions, advantages, special_ids(setup.model.config)["pad"], None, device,
+                       [c.logprobs for c in flat], routing)
+    del flat, results, routing
     setup.model.train()
-    metrics, _ = update(setup, batch, grpo_section(args), MAX_GRAD_NORM)
+    metrics, _ = update(setup, batch, grpo_section(args, replay), MAX_GRAD_NORM)
     sync(device)
     done = time.perf_counter()
     tokens = sum(len(c) for c in completions)
@@ -168,7 +180,8 @@ def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int)
     return {"step_s": done - clock, "generation_s": generated - clock, "scoring_s": scored - generated,
             "update_s": done - scored, "generated_tokens": tokens, "tokens_per_s": tokens / (generated - clock),
             "update_tokens_per_s": batch.input_ids.numel() / (done - scored), "loss": metrics["loss"],
-            "reward_mean": sum(totals) / len(totals), "peak_gib": peak_gib(device)}
+            "reward_mean": sum(totals) / len(totals), "peak_gib": peak_gib(device),
+            **{key: metrics[key] for key in ROUTING_KEYS if key in metrics}}
 
 
 def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
@@ -177,10 +190,13 @@ def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
     config = setup.model.config
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
     engine = GenerationEngine(setup.model, max_batch=args.prompts * args.generations)
-    out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs}
-    for name, seed in (("warmup", 1), ("timed", 2)):
-        out[name] = align_step(setup, engine, tokenizer, prompt_ids, args, seed)
-        print("align", name, json.dumps(out[name]), flush=True)
+    out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs, "routing_replay": {}}
+    for replay in args.routing_replay:
+        for name, seed in (("warmup", 1), ("timed", 2)):
+            step = align_step(setup, engine, tokenizer, prompt_ids, args, seed, replay)
+            out["routing_replay"].setdefault(replay, {})[name] = step
+            out.setdefault(name, step)  # the first mode's steps are the ones TRL is compared with
+            print("align", f"routing_replay={replay}", name, json.dumps(step), flush=True)
     engine.release()
     del engine, setup
     gc.collect()
@@ -354,6 +370,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward (both sides)")
     parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
     parser.add_argument("--trl-steps", type=int, default=1, help="TRL optimizer steps; the last one is reported")
+    parser.add_argument("--routing-replay", nargs="+", choices=("none", "rollout"), default=["none"],
+                        help="grpo.routing_replay mode(s) of align's steps, timed in turn (default none)")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.dtype, args.device = "tiny", torch.float32, torch.device("cpu")
@@ -392,6 +410,7 @@ def header(args) -> dict:
         "completion_len": args.completion_len, "micro_batch": args.micro_batch,
         "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
         "baseline_experts": BASELINE_EXPERTS,
+        "routing_replay": args.routing_replay,
     }
 
 
@@ -409,7 +428,12 @@ def summary(result: dict) -> str:
             peak = "-" if t["peak_gib"] is None else f"{t['peak_gib']:.1f}"
             rows.append((name, f"{t['step_s']:.2f}", f"{t['generation_s']:.2f}", f"{t['scoring_s']:.3f}",
                          f"{t['update_s']:.2f}", f"{t['tokens_per_s']:,.0f}", peak))
-    return "\n".join("".join(f"{cell:>14}" for cell in row) for row in rows)
+    lines = ["".join(f"{cell:>14}" for cell in row) for row in rows]
+    for replay, steps in result.get("align", {}).get("routing_replay", {}).items():
+        t = steps["timed"]
+        lines.append(f"align routing_replay={replay}: step {t['step_s']:.2f} s, update {t['update_s']:.2f} s, "
+                     + ", ".join(f"{key} {t[key]:.4g}" for key in ROUTING_KEYS if key in t))
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -23,9 +23,12 @@ from align.generation.cache import CacheError, LatentCache
 from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
+from align.generation.routing import RoutingRecorder
 from align.generation.sampling import SamplingParams, choose
 from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_linear_sync_free
+from align.models.config import moe_layers
+from align.models.moe import RoutingTrace
 
 STOP_PAD = 8  # stop-id tensor length is a multiple of this, so its shape (a graph key) rarely changes
 
@@ -98,20 +101,23 @@ class GenerationEngine:
         self.cache: LatentCache | None = None
         self.state: DecodeState | None = None
         self.graphs: GraphRunner | None = None
+        self.recorder: RoutingRecorder | None = None  # routing buffers, allocated by a call that records
+        self.recording = False
 
     # ----------------------------------------------------------------------------- public
     def generate(
         self, prompt_token_ids, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
         top_k: int = 0, n: int = 1, eos_token_id: int | list[int] | None = None, stop_token_ids=(),
-        seed: int | None = None,
+        seed: int | None = None, record_routing: bool = False,
     ) -> list[list[Completion]]:
-        """Per prompt, n completions (see align.generation.generate for the arguments)."""
+        """Per prompt, n completions (see align.generation.generate for the arguments). record_routing:
+        each Completion also carries the experts its tokens were routed to (align.generation.routing)."""
         request = build_request(
             prompt_token_ids, self.lm.config.vocab_size, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, n=n, eos_token_id=eos_token_id,
             stop_token_ids=stop_token_ids, seed=seed,
         )
-        self._prepare(request)
+        self._prepare(request, record_routing)
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
         try:
@@ -123,7 +129,7 @@ class GenerationEngine:
 
     def release(self) -> None:
         """Free the cache, decode buffers and graphs (e.g. before a training step)."""
-        self.cache = self.state = self.graphs = None
+        self.cache = self.state = self.graphs = self.recorder = None
 
     def cache_bytes_per_token(self) -> int:
         config = self.lm.config
@@ -131,7 +137,7 @@ class GenerationEngine:
         return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * element
 
     # ----------------------------------------------------------------------------- buffers
-    def _prepare(self, request: Request) -> None:
+    def _prepare(self, request: Request, record_routing: bool = False) -> None:
         need = request.cache_len()
         if self.max_len is not None and need > self.max_len:
             longest = max(range(len(request.prompts)), key=lambda i: len(request.prompts[i]))
@@ -152,6 +158,7 @@ class GenerationEngine:
             self.state = None
             self.state = DecodeState.allocate(*shape[:2], self.lm.config.vocab_size, stops, self.device)
             self.graphs = None
+        self._prepare_recorder(record_routing, slots, request.max_new_tokens)
         if self.graphs is not None and not self.graphs.enabled:
             self.use_graphs = False  # a capture failed on this model: stay eager
         signature = (model_signature(self.model), triton_enabled()) if self.use_graphs else None
@@ -165,14 +172,28 @@ class GenerationEngine:
             self.state.stop_ids[: len(request.stop_ids)] = torch.tensor(request.stop_ids, device=self.device)
         self.state.done.fill_(True)
 
+    def _prepare_recorder(self, record: bool, slots: int, max_new: int) -> None:
+        """Routing buffers for a recording call (kept between calls; a new shape drops the graphs)."""
+        self.recording = record and bool(moe_layers(self.lm.config))
+        if not self.recording:
+            return
+        if self.recorder is None or self.recorder.decoded.shape[1:3] != (slots, max_new):
+            self.recorder = None
+            self.recorder = RoutingRecorder(self.lm.config, slots, max_new, self.device)
+            self.graphs = None
+        self.recorder.prompts = {}
+
     # ----------------------------------------------------------------------------- the step
-    def step(self, attend_len: int, sampling: SamplingParams, max_new: int) -> None:
+    def step(self, attend_len: int, sampling: SamplingParams, max_new: int, record: bool = False) -> None:
         """One decode step over all slots: static shapes, device-only state updates."""
         st = self.state
-        logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len)  # [B, V]
+        trace = RoutingTrace() if record else None
+        logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len, trace)  # [B, V]
         token, logprob = choose(logits, sampling, st.uniform)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)
+        if record:
+            self.recorder.record_decode(trace, running, st.rows, col)
         st.out_tokens[st.rows, col] = torch.where(running, token, st.out_tokens[st.rows, col])
         st.out_logprobs[st.rows, col] = torch.where(running, logprob, st.out_logprobs[st.rows, col])
         st.counts += running
@@ -185,8 +206,9 @@ class GenerationEngine:
     def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int, generator) -> None:
         if not sampling.greedy:
             self.state.uniform.uniform_(generator=generator)  # outside the graph: seeded, one launch
+        record = self.recording
         self.graphs.run(
-            (attend_len, sampling, max_new), lambda: self.step(attend_len, sampling, max_new)
+            (attend_len, sampling, max_new, record), lambda: self.step(attend_len, sampling, max_new, record)
         )
 
 
@@ -239,14 +261,20 @@ class _Run:
             return
         index = torch.tensor(done, device=st.tokens.device)
         tokens, logprobs = st.out_tokens[index].cpu(), st.out_logprobs[index].cpu()
+        recorder = self.engine.recorder if self.engine.recording else None
+        decoded = None if recorder is None else recorder.decoded[:, index]  # [M, done, max_new, k]
         stop_ids = set(self.request.stop_ids)
         for row, slot in enumerate(done):
             count = counts[slot]
             ids = tokens[row, :count].tolist()
             reason = "stop" if ids and ids[-1] in stop_ids else "length"
             sequence = self.owner[slot]
-            self.results[sequence // self.request.n][sequence % self.request.n] = Completion(
-                ids, logprobs[row, :count].tolist(), reason
+            prompt = sequence // self.request.n
+            routing = None
+            if recorder is not None:
+                routing = recorder.completion(prompt, len(self.request.prompts[prompt]), decoded[:, row], count)
+            self.results[prompt][sequence % self.request.n] = Completion(
+                ids, logprobs[row, :count].tolist(), reason, routing
             )
             self.owner[slot] = None
 
@@ -296,9 +324,14 @@ class _Run:
         slots = [s for s, p in chunk for _ in p]
         device = self.engine.device
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        trace = RoutingTrace() if self.engine.recording else None
         prefill(
-            self.engine.lm, self.engine.cache, as_tensor(ids), as_tensor(positions), as_tensor(slots), len(chunk)
+            self.engine.lm, self.engine.cache, as_tensor(ids), as_tensor(positions), as_tensor(slots), len(chunk),
+            trace,
         )
+        if trace is not None:
+            prompts = [self.owner[s] // self.request.n for s, _ in chunk]
+            self.engine.recorder.record_prefill(trace, prompts, [len(p) for _, p in chunk], device)
 
     def reset_slots(self, admitted: list[tuple[int, int]]) -> None:
         st, device = self.engine.state, self.engine.device

@@ -14,6 +14,7 @@ from torch import nn
 from align.generation.cache import LatentCache
 from align.models.layout import attention_layout
 from align.models.model import DeepseekV2ForCausalLM
+from align.models.moe import RoutingTrace
 
 
 def unwrap(model: nn.Module) -> DeepseekV2ForCausalLM:
@@ -39,25 +40,27 @@ def unwrap(model: nn.Module) -> DeepseekV2ForCausalLM:
 @torch.no_grad()
 def prefill(
     model: DeepseekV2ForCausalLM, cache: LatentCache, ids: torch.Tensor, positions: torch.Tensor,
-    slots: torch.Tensor, documents: int,
+    slots: torch.Tensor, documents: int, routing: RoutingTrace | None = None,
 ) -> None:
     """Fill the cache for `documents` packed prompts; ids/positions/slots [S], positions restarting at
     0 for each prompt. Token i goes to cache (slots[i], positions[i]); attention stays within each
-    prompt. No logits: the engine feeds each prompt's last token through the decode step.
+    prompt. No logits: the engine feeds each prompt's last token through the decode step. routing:
+    records the MoE layers' routing of the S tokens.
     """
     pos = positions[None]  # [1, S]
     like = model.model.embed_tokens.weight  # the activations' device and dtype
     mask = attention_layout(like, pos, None, shape=tuple(pos.shape)) if documents > 1 else None
-    model.model.fill_cache(ids[None], pos, mask, cache.writer(slots, positions))
+    model.model.fill_cache(ids[None], pos, mask, cache.writer(slots, positions), routing)
 
 
 def decode_logits(
     model: DeepseekV2ForCausalLM, cache: LatentCache, tokens: torch.Tensor, positions: torch.Tensor,
-    attend_len: int,
+    attend_len: int, routing: RoutingTrace | None = None,
 ) -> torch.Tensor:
     """One token per slot: tokens/positions [slots] -> next-token logits [slots, V] in float32.
 
-    Static shapes and no host reads, so the call can be captured in a CUDA graph.
+    Static shapes and no host reads, so the call can be captured in a CUDA graph. routing: records
+    each MoE layer's routing of the step's tokens.
     """
-    hidden = model.model.decode(tokens, positions, cache, attend_len)  # [B, 1, H]
+    hidden = model.model.decode(tokens, positions, cache, attend_len, routing)  # [B, 1, H]
     return model.lm_head(hidden)[:, 0].float()  # [B, V]

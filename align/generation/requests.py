@@ -5,17 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from align.generation.sampling import SamplingParams
 
 
 @dataclass
 class Completion:
     """One sampled continuation. token_ids include the stop token when one ended it; logprobs[i] is the
-    log-probability of token_ids[i] (see align.generation.sampling for the exact definition)."""
+    log-probability of token_ids[i] (see align.generation.sampling for the exact definition). routing
+    (when asked for): the experts of every token the engine fed, align.generation.routing."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop token id) or "length" (max_new_tokens reached)
+    routing: torch.Tensor | None = None  # [prompt_len - 1 + len(token_ids), moe_layers, k] int8 / int16
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,11 @@ def is_moe_layer(config: PretrainedConfig, layer_idx: int) -> bool:
     return bool(config.n_routed_experts) and layer_idx >= config.first_k_dense_replace and layer_idx % freq == 0
 
 
+def moe_layers(config: PretrainedConfig) -> list[int]:
+    """Indices of the decoder layers whose feed-forward is an MoE (routed experts)."""
+    return [i for i in range(config.num_hidden_layers) if is_moe_layer(config, i)]
+
+
 def num_groups(config: PretrainedConfig) -> int:
     return config.n_group or 1
 

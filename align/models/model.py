@@ -84,15 +84,15 @@ class DecoderLayer(GradientCheckpointingLayer):
         """Hand this layer's latents for x to `cache.update` without computing the layer's output."""
         self.self_attn.write_latents(self.input_layernorm(x), cos, sin, cache)
 
-    def decode(self, x, delta, cos, sin, rows, positions, attend_len):
+    def decode(self, x, delta, cos, sin, rows, positions, attend_len, routing=None):
         """One token per cache slot: the residual stream x [B, 1, H] still lacking `delta` (the previous
         layer's feed-forward output, or None) -> (x, this layer's feed-forward output) for the next
         layer, so each residual add fuses with the norm after it. rows: this layer's latent cache
-        (MLA.decode)."""
+        (MLA.decode). routing: a RoutingTrace recording the MoE routing."""
         x, h = self.input_layernorm.add(x, delta)
         attn = self.self_attn.decode(h, cos, sin, rows, positions, attend_len)
         x, h = self.post_attention_layernorm.add(x, attn)
-        return x, self.feed_forward(h)[0]
+        return x, self.feed_forward(h, None, routing)[0]
 
 
 class DeepseekV2PreTrainedModel(PreTrainedModel):
@@ -151,6 +151,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         past_key_values: Cache | None = None,
         cache: Cache | None = None,
         routing: RoutingTrace | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BackboneOutput:
         """-> (final hidden states [B, S, H] after the last norm, summed balance loss or None).
@@ -159,6 +160,8 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         attention_mask [B, past+S] marks padding keys (1 = real token). past_key_values: a transformers
         Cache of MLA latents (GenerationMixin.generate); the fast rollout path is align.generation.
         routing: a RoutingTrace recording each MoE layer's routing and forcing replayed expert ids.
+        token_mask [B, S]: the tokens the balance loss counts (default: attention_mask's real tokens),
+        for right-padded rows that need no attention mask.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -171,7 +174,8 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         mask = attention_layout(x, position_ids, attention_mask, past)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, seq)  # [B, S]
-        token_mask = None if attention_mask is None else attention_mask[:, past:]
+        if token_mask is None and attention_mask is not None:
+            token_mask = attention_mask[:, past:]
         cos, sin = self.rotary_emb(position_ids)
         aux_total = None
         for layer in self.layers:
@@ -181,29 +185,34 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         return BackboneOutput(last_hidden_state=self.norm(x), aux_loss=aux_total, **{CACHE_FIELD: past_key_values})
 
     def fill_cache(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
+        routing: RoutingTrace | None = None,
     ) -> None:
         """Prefill: run the layers as far as `cache` needs. Every layer hands its latents [B, 1, S, d]
         to cache.update(c, k_pe, layer_idx), which returns the latents to attend over; the last
-        layer's output feeds nothing the cache needs, so it is not computed. ids/positions [B, S],
-        mask as from align.models.layout.attention_layout (None = causal)."""
+        layer's output feeds nothing the cache needs, so it is not computed (nor, then, its routing).
+        ids/positions [B, S], mask as from align.models.layout.attention_layout (None = causal); routing:
+        a RoutingTrace."""
         cos, sin = self.rotary_emb(position_ids)
         x = self.embed_tokens(input_ids)  # [B, S, H]
         for layer in self.layers[:-1]:
-            x, _ = layer(x, cos, sin, mask, None, cache)
+            x, _ = layer(x, cos, sin, mask, None, cache, routing)
         self.layers[-1].write_latents(x, cos, sin, cache)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attend_len: int) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache, attend_len: int,
+        routing: RoutingTrace | None = None,
+    ) -> torch.Tensor:
         """One token per cache slot: tokens/positions [B] -> final hidden states [B, 1, H] (after the norm).
 
         cache.layer(i): layer i's latent rows [slots >= B, max_len, kv_rank + rope] (MLA.decode writes
         token b at positions[b] and attends to rows [0, positions[b]] < attend_len). Static shapes
-        and no host reads, so the call can be captured in a CUDA graph.
+        and no host reads, so the call can be captured in a CUDA graph (so can recording into routing).
         """
         cos, sin = self.rotary_emb(positions[:, None])  # [B, 1, rope/2]
         x, delta = self.embed_tokens(tokens[:, None]), None  # [B, 1, H]
         for index, layer in enumerate(self.layers):
-            x, delta = layer.decode(x, delta, cos, sin, cache.layer(index), positions, attend_len)
+            x, delta = layer.decode(x, delta, cos, sin, cache.layer(index), positions, attend_len, routing)
         return self.norm.add(x, delta)[1]
 
 
@@ -254,17 +263,21 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cache: Cache | None = None,
         routing: RoutingTrace | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """Logits [B, S', V] (S' per logits_to_keep); loss when labels are given (transformers'
         causal-LM loss, labels unshifted, -100 ignored, plus the balance loss in training).
         return_logits=False skips the LM head (`last_hidden_state` is always returned); with labels
         the loss is then computed by the fused linear cross-entropy. routing: a RoutingTrace (MoE routing
-        recorded per layer, replayed expert ids forced)."""
+        recorded per layer, replayed expert ids forced); token_mask [B, S]: tokens the balance loss counts."""
         past_key_values = pick_cache(past_key_values, cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        backbone = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, routing=routing)
+        backbone = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, routing=routing,
+            token_mask=token_mask,
+        )
         hidden, aux = backbone.last_hidden_state, backbone.aux_loss
         logits = loss = None
         if return_logits:

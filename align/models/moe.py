@@ -13,9 +13,10 @@ computed in training mode and returned beside the output.
 
 The routing API every routing feature builds on: `Gate.forward(x, with_scores, experts)` returns a
 `Routing` (weights, experts, scores) in any mode, with or without autograd; `with_scores` always
-yields the gate scores, `experts` forces the choice (routing replay) and weighs it from the current
-scores; `Routing.load` counts tokens per expert. A `RoutingTrace` passed to the model's forward
-records every MoE layer's Routing and replays forced ids per layer.
+yields the gate scores, `experts` forces the choice (routing replay; any integer dtype, a row of -1 =
+choose by itself) and weighs it from the current scores; `Routing.load` counts tokens per expert. A
+`RoutingTrace` passed to the model's forward (or its prefill / decode) records every MoE layer's
+Routing and replays forced ids per layer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.kernels.moe_experts import routed_experts
-from align.kernels.moe_route import greedy_gate, routing_weights, top_k_routing
+from align.kernels.moe_route import greedy_gate, routing_weights
 from align.models.config import num_groups, routing_weight_rule, scoring_func, topk_method
 
 
@@ -65,18 +66,25 @@ class RoutingTrace:
     """What one forward's MoE layers routed, and the expert ids to force on them (routing replay).
 
     Pass as `routing=` to the model's forward. replay: MoE layer index -> experts [B*S, k] (e.g. a
-    previous trace's `experts()`); with_scores: compute every layer's gate scores. After the
+    previous trace's `experts()`; rows of -1: the gate chooses); with_scores: compute every layer's
+    gate scores; own_choice: also record what each layer would pick by itself (`own`), replay or not. After the
     forward, `layers[i]` is MoE layer i's Routing, detached (a layer re-run by gradient checkpointing
     records the same routing again).
     """
 
-    def __init__(self, replay: dict[int, torch.Tensor] | None = None, with_scores: bool = False):
+    def __init__(
+        self, replay: dict[int, torch.Tensor] | None = None, with_scores: bool = False, own_choice: bool = False
+    ):
         self.replay = dict(replay or {})
-        self.with_scores = with_scores
+        self.with_scores = with_scores or own_choice
+        self.own_choice = own_choice
         self.layers: dict[int, Routing] = {}
+        self.own: dict[int, torch.Tensor] = {}  # own_choice: the experts each layer picks by itself [B*S, k]
 
-    def record(self, layer: int, routing: Routing) -> None:
+    def record(self, layer: int, routing: Routing, own: torch.Tensor | None = None) -> None:
         self.layers[layer] = Routing(*(None if t is None else t.detach() for t in routing))
+        if own is not None:
+            self.own[layer] = own
 
     def experts(self) -> dict[int, torch.Tensor]:
         """Layer index -> the experts it used [B*S, k]: a replay for a later forward."""
@@ -105,8 +113,9 @@ class Gate(nn.Module):
         """x [T, H] -> Routing: weights [T, k] fp32, experts [T, k] int64, scores [T, E] fp32 or None.
 
         with_scores: always return the scores (else plain greedy softmax gating may skip them, one
-        Triton launch in the decode step). experts [T, k]: use these instead of choosing (routing
-        replay); their weights come from the current scores by the family's rule.
+        Triton launch in the decode step). experts [T, k] (any integer dtype): use these instead of
+        choosing (routing replay), except rows whose first id is negative, which choose by themselves;
+        the weights come from the current scores by the family's rule.
         """
         plain = self.method == "greedy" and self.scoring == "softmax"
         if plain and experts is None and not with_scores:
@@ -118,13 +127,20 @@ class Gate(nn.Module):
                     f"forced experts have shape {tuple(experts.shape)}; this gate routes {x.shape[0]} tokens "
                     f"to {self.top_k} experts each: expected ({x.shape[0]}, {self.top_k})"
                 )
+            own = self.choose(scores)
+            experts = torch.where(experts[:, :1] >= 0, experts.long(), own)  # no host read: rows of -1 choose
             return Routing(routing_weights(scores, experts, self.normalise, self.scale), experts, scores)
+        experts = self.choose(scores)
+        return Routing(routing_weights(scores, experts, self.normalise, self.scale), experts, scores)
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The experts this gate picks from its scores [T, E] (bias, group limit, top-k) -> [T, k] int64."""
         choice = scores
         if self.method == "noaux_tc":
             choice = scores + self.e_score_correction_bias.float()
         if self.method != "greedy":
             choice = self._mask_groups(choice)
-        return Routing(*top_k_routing(scores, choice, self.top_k, self.normalise, self.scale), scores)
+        return torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # as kernels.moe_route.top_k_routing
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> gate scores [T, E] in float32 (softmax or sigmoid of the logits)."""
@@ -208,7 +224,8 @@ class MoE(nn.Module):
         with_scores = want_aux or (trace is not None and trace.with_scores)
         routing = self.gate(flat, with_scores=with_scores, experts=forced)
         if trace is not None:
-            trace.record(self.layer_idx, routing)
+            own = self.gate.choose(routing.scores.detach()) if trace.own_choice else None
+            trace.record(self.layer_idx, routing, own)
         out = self.experts(flat, routing.weights, routing.experts).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -241,12 +241,22 @@ class GRPOSection:
     num_iterations: int = ranged(1, AT_LEAST_1)  # μ: optimizer steps per generation round (μ > 1: old log-probs)
     beta: float = ranged(0.0, NON_NEGATIVE)  # KL coefficient (k3 estimator); 0 skips the reference pass
     epsilon: float = ranged(0.2, NON_NEGATIVE)
-    epsilon_high: float | None = ranged(None, NON_NEGATIVE)  # clip-higher (DAPO); null = epsilon
+    epsilon_high: float | None = ranged(None, NON_NEGATIVE)  # clip-higher (DAPO); null = epsilon; cispo: the ratio cap
     delta: float | None = ranged(None, Range(1, open_low=True))  # cap on the unclipped ratio; null = off
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    sapo_temperature_neg: float = ranged(1.05, POSITIVE)  # sapo's gate temperature where the advantage is <= 0
+    sapo_temperature_pos: float = ranged(1.0, POSITIVE)  # ... and where it is > 0
+    top_entropy_quantile: float = ranged(1.0, FRACTION)  # share of tokens (highest entropy) the policy term keeps
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
+    # MoE: the policy's forwards route each rollout token to the experts the engine used (recomputing
+    # only the gate weights); none: they route by themselves
+    routing_replay: Literal["none", "rollout"] = "none"
+    # DAPO dynamic sampling: drop groups whose rewards are all equal, generate more prompts until the step
+    # holds prompts_per_step informative groups, at most max_sampling_rounds extra rounds per step
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = ranged(4, AT_LEAST_1)
     micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward
     rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine
     # rounds in a row in which every reward raised or returned None (no learning signal) before the

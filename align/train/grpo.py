@@ -35,11 +35,13 @@ from align.recipe import GRPOSection, RLRecipe
 from align.train import checkpointing as ckpt
 from align.train import guards, rundir
 from align.train.advantages import group_advantages, reward_std
+from align.train.dynamic_sampling import fill_groups
 from align.train.evaluate import exact_match_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import progress_bar
+from align.train.moe_metrics import MoEMetrics
 from align.train.order import DataOrder
-from align.train.rollout_batch import RolloutBatch, completion_logprobs, completion_logprobs_entropy, make_batch
+from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch, policy_pass
 from align.train.run import (
     Cadence,
     Log,
@@ -120,6 +122,8 @@ def loss_config(g: GRPOSection) -> GRPOLossConfig:
     return GRPOLossConfig(
         beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta, loss_type=g.loss_type,
         importance_sampling_level=g.importance_sampling_level, max_completion_length=g.max_completion_length,
+        sapo_temperature_neg=g.sapo_temperature_neg, sapo_temperature_pos=g.sapo_temperature_pos,
+        top_entropy_quantile=g.top_entropy_quantile,
     )
 
 
@@ -134,15 +138,28 @@ class Rollout:
     finish: list[str]  # "stop" | "length"
     sample_logprobs: list[list[float]]  # from the engine, at the sampling temperature
     texts: list[str]
+    routing: list | None = None  # per completion, the engine's experts [fed positions, moe_layers, k] (MoE)
+
+    @classmethod
+    def take(cls, parts: list[tuple[Rollout, list[int]]], group: int) -> Rollout:
+        """The rows of the listed groups (consecutive `group` rows) of each rollout, in order."""
+        rows = [(ro, i) for ro, groups in parts for g in groups for i in range(g * group, (g + 1) * group)]
+        routed = all(ro.routing is not None for ro, _ in parts)
+        return cls(
+            rows=[ro.rows[i] for ro, i in rows], prompt_ids=[ro.prompt_ids[i] for ro, i in rows],
+            completion_ids=[ro.completion_ids[i] for ro, i in rows], finish=[ro.finish[i] for ro, i in rows],
+            sample_logprobs=[ro.sample_logprobs[i] for ro, i in rows], texts=[ro.texts[i] for ro, i in rows],
+            routing=[ro.routing[i] for ro, i in rows] if routed else None,
+        )
 
 
-def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer) -> Rollout:
-    """G completions per prompt from the engine; seeded by (train seed, step)."""
+def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer, round_: int = 0) -> Rollout:
+    """G completions per prompt from the engine; seeded by (train seed, step, round: dynamic sampling's)."""
     g = recipe.grpo
     results = engine.generate(
         [r["prompt_ids"] for r in rows], max_new_tokens=g.max_completion_length, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, n=g.num_generations, eos_token_id=tokenizer.eos_token_id,
-        seed=recipe.train.seed * 1_000_003 + step,
+        seed=recipe.train.seed * 1_000_003 + step + round_ * 100_000_007, record_routing=True,
     )
     flat = [(row, c) for row, completions in zip(rows, results, strict=True) for c in completions]
     return Rollout(
@@ -150,6 +167,7 @@ def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer
         completion_ids=[c.token_ids for _, c in flat], finish=[c.finish_reason for _, c in flat],
         sample_logprobs=[c.logprobs for _, c in flat],
         texts=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c in flat],
+        routing=[c.routing for _, c in flat] if flat and flat[0][1].routing is not None else None,
     )
 
 
@@ -206,19 +224,21 @@ def batch_for(ro: Rollout, advantages: torch.Tensor, recipe: RLRecipe, tokenizer
 
     pad = padding_id(tokenizer)
     fn = truncated_off if recipe.grpo.mask_truncated_completions else None
-    return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device)
+    return make_batch(ro.prompt_ids, ro.completion_ids, advantages, pad, fn, device, ro.sample_logprobs, ro.routing)
 
 
 @torch.no_grad()
-def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerator) -> torch.Tensor:
-    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
+def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerator,
+                    replay: bool = False) -> torch.Tensor:
+    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch; replay: route by
+    the rollout's recorded experts (the old policy under grpo.routing_replay: rollout)."""
     was_training = model.training
     model.eval()
     parts = []
     for start in range(0, len(batch), g.micro_batch_size):
         part = batch.rows(start, start + g.micro_batch_size)
         with accelerator.autocast():
-            lp = completion_logprobs(model, head, part, g.temperature)
+            lp = completion_logprobs(model, head, part, g.temperature, replay)
         parts.append(torch.nn.functional.pad(lp, (0, batch.completion_ids.shape[1] - lp.shape[1])))
     model.train(was_training)
     return torch.cat(parts)
@@ -226,16 +246,23 @@ def frozen_logprobs(model, head, batch: RolloutBatch, g: GRPOSection, accelerato
 
 def add_old_and_ref(setup: Setup, head, batch: RolloutBatch, g: GRPOSection) -> None:
     if g.num_iterations > 1:
-        batch.old_logps = frozen_logprobs(setup.model, head, batch, g, setup.accelerator)
-    if g.beta > 0:
+        batch.old_logps = frozen_logprobs(setup.model, head, batch, g, setup.accelerator, replays(g, batch))
+    if g.beta > 0:  # the reference routes by itself: it is another model
         with setup.reference() as ref:
             batch.ref_logps = frozen_logprobs(ref, ref.get_output_embeddings(), batch, g, setup.accelerator)
 
 
-def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection,
-                   max_grad_norm: float | None, head) -> tuple[dict[str, float], bool]:
+def replays(g: GRPOSection, batch: RolloutBatch) -> bool:
+    """Whether the policy's forwards replay the rollout's routing (grpo.routing_replay, a MoE rollout)."""
+    return g.routing_replay == "rollout" and batch.routing is not None
+
+
+def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection, max_grad_norm: float | None,
+                   head, observe: MoEMetrics | None = None) -> tuple[dict[str, float], bool]:
     """One optimizer step over every completion of the round (gradient accumulation over micro-batches):
-    (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf)."""
+    (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf).
+    The MoE balance loss (train.aux_loss_alpha, in training mode) is added per micro-batch / their count,
+    as TRL adds router_aux_loss_coef · aux; observe: collects the routing metrics of these forwards."""
     accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
     n_items = batch.loss_mask.sum()
@@ -243,15 +270,21 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
     for start in starts:
         part = batch.rows(start, start + size)
         with accelerator.autocast():
-            logps, entropy = completion_logprobs_entropy(setup.model, head, part, g.temperature)
+            out = policy_pass(setup.model, head, part, g.temperature, replay=replays(g, part),
+                              observe=observe is not None)
         loss, metrics = grpo_loss(
-            logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
-            grad_accum_steps=len(starts),
+            out.logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
+            grad_accum_steps=len(starts), entropies=out.entropy,
         )
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss / len(starts)
+            metrics["aux_loss"] = out.aux_loss.detach()
         accelerator.backward(loss)
         total += loss.item()  # micro-batch losses sum to the step's objective
-        metrics["entropy"] = (entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
+        metrics["entropy"] = (out.entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
+        if observe is not None:
+            observe.add(out, part)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     skipped = guards.any_nonfinite(torch.tensor([total, norm.item()]), accelerator)
@@ -280,16 +313,21 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 def update(setup: Setup, batch: RolloutBatch, g: GRPOSection,
            max_grad_norm: float | None) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
-    optimizer steps over `batch`. Returns the mean of their metrics, and the loss / grad norm of each
-    step that was not applied (NaN / inf)."""
+    optimizer steps over `batch`. Returns the mean of their metrics (with the first step's routing
+    metrics, align.train.moe_metrics, under their own `policy/` and `moe/` names), and the loss / grad
+    norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after."""
     head = setup.unwrapped.get_output_embeddings()
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
-    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head) for _ in range(g.num_iterations)]
+    observe = MoEMetrics(setup.unwrapped.config)
+    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head, observe if i == 0 else None)
+             for i in range(g.num_iterations)]
+    batch.routing = None
     runs = [r for r, _ in steps]
     skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r, was in steps if was]
     out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
+    out.update(observe.summary())
     return out, skipped
 
 
@@ -342,6 +380,9 @@ def _run_rl(recipe: RLRecipe) -> dict:
         return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say))
 
 
+OWN_NAMES = ("policy/", "moe/")  # update metrics logged under their own names, not train/
+
+
 @dataclass
 class Round:
     """What one GRPO round produced: its metrics, its rollout and rewards (for completions.jsonl), the
@@ -361,12 +402,17 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
     generated = time.perf_counter()
     reward, metrics, failure = score_rollout(run.rewards, ro, recipe)
+    if recipe.grpo.dynamic_sampling:  # extra rounds: generation and scoring, timed together
+        topped = time.perf_counter()
+        ro, reward, sampled = dynamic_round(run, step, order, ro, reward)
+        metrics.update({**sampled, "time/dynamic_sampling": time.perf_counter() - topped})
     advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
     scored = time.perf_counter()
     batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
+    ro.routing = None  # the batch holds it until the update frees it
     updates, skipped = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
     done = time.perf_counter()
-    metrics.update({f"train/{k}": v for k, v in updates.items()})
+    metrics.update({k if k.startswith(OWN_NAMES) else f"train/{k}": v for k, v in updates.items()})
     metrics.update(advantage_metrics(reward, advantages, recipe))
     metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
     tokens = sum(len(c) for c in ro.completion_ids)
@@ -374,6 +420,21 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
                     "time/update": done - scored, "time/step": done - clock,
                     "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
     return Round(metrics, ro, reward, skipped, failure)
+
+
+def dynamic_round(run: Run, step: int, order: DataOrder, ro: Rollout,
+                  reward: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """Dynamic sampling (align.train.dynamic_sampling): the step's informative groups, topped up by
+    extra rounds. Reward metrics stay those of the first round."""
+    g = run.recipe.grpo
+
+    def sample(round_: int) -> tuple[Rollout, torch.Tensor]:
+        rows = [run.data.train[i] for i in order.extra_rows(step, round_)]
+        extra = rollout(run.engine, rows, run.recipe, step, run.tokenizer, round_)
+        return extra, score_rollout(run.rewards, extra, run.recipe)[0]
+
+    return fill_groups((ro, reward), sample, lambda parts: Rollout.take(parts, g.num_generations),
+                       g.prompts_per_step, g.num_generations, g.max_sampling_rounds, run.setup.accelerator)
 
 
 def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> None:

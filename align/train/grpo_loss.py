@@ -8,9 +8,14 @@ the sampling temperature before the log-softmax), and a ``[B, T]`` completion ma
 - ``ℓ = −min(ρ·Â, clip(ρ, 1 − ε_low, 1 + ε_high)·Â) + β·KL``, where ``ρ`` in the unclipped branch is
   first capped at ``δ`` when ``delta`` is set (two-sided clipping, INTELLECT-2).
 - ``KL = exp(ref − logπθ) − (ref − logπθ) − 1`` (k3), times ``ρ`` when ``use_bias_correction_kl``.
+- cispo (MiniMax-M1): ``ℓ = −sg(min(ρ, ε_high))·Â·logπθ`` (``epsilon_high`` is the absolute cap ε_max);
+  sapo (soft adaptive): ``ℓ = −σ(τ(ρ − 1))·4/τ·Â`` with ``τ = sapo_temperature_pos`` where ``Â > 0``,
+  else ``sapo_temperature_neg``. Both then aggregate as dapo (cispo) or grpo (sapo), as TRL does.
+- ``top_entropy_quantile`` q < 1: the policy term keeps only tokens whose entropy is at least the
+  (1 − q) quantile of the batch's masked entropies (Beyond the 80/20 Rule); the KL term is kept.
 
-Everything TRL 1.16 layers on top (vLLM importance correction, off-policy sequence masks,
-entropy masks and bonus, MoE aux loss, cispo/sapo/luspo/vespo) is not part of this module.
+Everything else TRL 1.16 layers on top (vLLM importance correction, off-policy sequence masks,
+entropy bonus, luspo/vespo) is not part of this module; the MoE balance loss is added by the loop.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 
@@ -34,7 +39,8 @@ class GRPOLossConfig:
     """Loss options, named and defaulted as in ``trl.GRPOConfig`` 1.16.
 
     ``epsilon`` is ε_low; ``epsilon_high`` defaults to ``epsilon``. ``delta`` caps the unclipped
-    ratio (``None``: off). ``max_completion_length`` is the ``dr_grpo`` constant.
+    ratio (``None``: off). ``max_completion_length`` is the ``dr_grpo`` constant. ``sapo_temperature_*``:
+    the sapo gate's sharpness; ``top_entropy_quantile``: share of tokens (by entropy) the policy term keeps.
     """
 
     beta: float = 0.0
@@ -45,6 +51,9 @@ class GRPOLossConfig:
     importance_sampling_level: ImportanceSamplingLevel = "token"
     max_completion_length: int = 512
     use_bias_correction_kl: bool = True
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -58,6 +67,10 @@ class GRPOLossConfig:
             raise ValueError(f"beta, epsilon and epsilon_high must be >= 0, got {self}")
         if self.max_completion_length < 1:
             raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.sapo_temperature_neg <= 0 or self.sapo_temperature_pos <= 0:
+            raise ValueError(f"sapo_temperature_neg / _pos must be > 0, got {self}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
 
     @property
     def eps_low(self) -> float:
@@ -106,10 +119,10 @@ def aggregate_loss(
 ) -> Tensor:
     """Reduce ``ℓ·m`` to the micro-batch loss; ``n_i = Σ_t m_it``, ``GA = grad_accum_steps``.
 
-    - grpo: ``mean_i(Σ_t ℓ_it m_it / max(n_i, 1)) / GA``
+    - grpo, sapo: ``mean_i(Σ_t ℓ_it m_it / max(n_i, 1)) / GA``
     - bnpo: ``Σ ℓ·m / max(Σ n_i, 1) / GA``
     - dr_grpo: ``Σ ℓ·m / (B · max_completion_length) / GA``
-    - dapo: ``Σ ℓ·m / (max(N, 1) / num_processes · GA / steps_per_generation)`` with
+    - dapo, cispo: ``Σ ℓ·m / (max(N, 1) / num_processes · GA / steps_per_generation)`` with
       ``N = num_items_in_batch``, the loss-token count of the whole generation batch (all
       processes); ``steps_per_generation`` defaults to ``GA``, making the normaliser ``N / P``.
 
@@ -117,13 +130,13 @@ def aggregate_loss(
     processes) gives the step's objective, as in TRL's training mode. Evaluation: GA = SPG = 1.
     """
     masked = per_token_loss * mask
-    if cfg.loss_type == "grpo":
+    if cfg.loss_type in ("grpo", "sapo"):
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif cfg.loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0)
     elif cfg.loss_type == "dr_grpo":
         loss = masked.sum() / (per_token_loss.size(0) * cfg.max_completion_length)
-    else:
+    else:  # dapo, cispo
         return masked.sum() / _dapo_normaliser(
             num_items_in_batch, grad_accum_steps, steps_per_generation, num_processes, mask
         )
@@ -139,7 +152,7 @@ def _dapo_normaliser(
 ) -> Tensor:
     if num_items_in_batch is None:
         raise ValueError(
-            "loss_type='dapo' needs num_items_in_batch: the number of loss tokens (mask sum) in the whole "
+            "loss_type 'dapo' / 'cispo' needs num_items_in_batch: the number of loss tokens (mask sum) in the whole "
             "generation batch, over all processes and accumulation steps"
         )
     spg = grad_accum_steps if steps_per_generation is None else steps_per_generation
@@ -184,6 +197,36 @@ def _nan_reduce(x: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
     return reduce(kept) if kept.numel() else x.new_tensor(float("nan"))
 
 
+def policy_loss(logps: Tensor, coef: Tensor, advantages: Tensor, cfg: GRPOLossConfig) -> tuple[Tensor, Tensor]:
+    """Per-token policy term of the loss type, and the ratio its metrics look at (see the module doc)."""
+    if cfg.loss_type == "cispo":
+        return -torch.clamp(coef, max=cfg.eps_high).detach() * advantages * logps, coef
+    if cfg.loss_type == "sapo":
+        tau = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (coef - 1)) * 4 / tau * advantages, coef
+    return clipped_surrogate(coef, advantages, cfg)
+
+
+def ratio_metrics(coef: Tensor, advantages: Tensor, mask: Tensor, cfg: GRPOLossConfig) -> dict[str, Tensor]:
+    """TRL's ratio metrics of the loss type: clip_ratio/* (clipped surrogates), cispo_clip_ratio, none (sapo)."""
+    if cfg.loss_type == "cispo":
+        clipped = ((coef > cfg.eps_high) & (advantages > 0)).to(mask.dtype)
+        return {"cispo_clip_ratio": _global_masked_mean(clipped, mask)}
+    if cfg.loss_type == "sapo":
+        return {}
+    return clip_metrics(coef, advantages, mask, cfg)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """1 on the masked tokens whose entropy is at least the (1 − quantile) quantile of the masked
+    entropies (the top `quantile` share by entropy), else 0; all 0 when the mask is empty."""
+    kept = entropies[mask.bool()].float()
+    if kept.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(kept, 1 - quantile)
+    return ((entropies * mask >= threshold) & mask.bool()).to(mask.dtype)
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor | None,
@@ -196,6 +239,7 @@ def grpo_loss(
     grad_accum_steps: int = 1,
     steps_per_generation: int | None = None,
     num_processes: int = 1,
+    entropies: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO micro-batch loss and its metrics (detached 0-dim tensors, TRL's names).
 
@@ -204,17 +248,22 @@ def grpo_loss(
     ``ref_logps``: reference log-probs, required when ``beta > 0``; when given with ``beta == 0``
     the KL is only logged. ``advantages``: ``[B]`` or ``[B, T]``. ``num_items_in_batch``: dapo's
     token count (see :func:`aggregate_loss`, which also documents the keyword-only scaling).
+    ``entropies``: ``[B, T]`` policy entropies, required when ``top_entropy_quantile < 1``.
 
-    Metrics: ``kl`` (masked mean of the β-term's KL, when ``ref_logps`` is given) and the
-    ``clip_ratio/*`` entries of :func:`clip_metrics`.
+    Metrics: ``kl`` (masked mean of the β-term's KL, when ``ref_logps`` is given) and the ratio
+    metrics of :func:`ratio_metrics`.
     """
     mask = _check_inputs(logps, old_logps, ref_logps, advantages, completion_mask, cfg)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     old_logps = logps.detach() if old_logps is None else old_logps
     coef = torch.exp(log_importance_weights(logps, old_logps, mask, cfg.importance_sampling_level))
-    per_token_loss, capped = clipped_surrogate(coef, advantages, cfg)
-    metrics = clip_metrics(capped.detach(), advantages, mask, cfg)
+    per_token_loss, ratio = policy_loss(logps, coef, advantages, cfg)
+    metrics = ratio_metrics(ratio.detach(), advantages, mask, cfg)
+    if cfg.top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError(f"top_entropy_quantile={cfg.top_entropy_quantile} needs the policy's entropies")
+        per_token_loss = per_token_loss * high_entropy_mask(entropies.detach(), mask, cfg.top_entropy_quantile)
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
         if cfg.use_bias_correction_kl:

@@ -26,3 +26,8 @@ class DataOrder:
     def step_rows(self, step: int) -> list[int]:
         start = step * self.per_step
         return [self._perm(i // self.n)[i % self.n] for i in range(start, start + self.per_step)]
+
+    def extra_rows(self, step: int, round_: int) -> list[int]:
+        """Rows of extra round `round_` >= 1 of step k (dynamic sampling): a seeded draw without replacement."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + round_)
+        return torch.randperm(self.n, generator=generator)[: self.per_step].tolist()

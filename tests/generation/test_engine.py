@@ -24,9 +24,9 @@ def prefill_calls(monkeypatch):
     calls = []
     real = engine_module.prefill
 
-    def counting(model, cache, ids, positions, slots, documents):
+    def counting(model, cache, ids, positions, slots, documents, routing=None):
         calls.append((ids.numel(), documents))
-        return real(model, cache, ids, positions, slots, documents)
+        return real(model, cache, ids, positions, slots, documents, routing)
 
     monkeypatch.setattr(engine_module, "prefill", counting)
     return calls

@@ -83,3 +83,28 @@ def test_plain_greedy_gate_gives_scores_when_asked():
     assert plain.scores is None  # the fast greedy gate skips them unless asked
     assert torch.equal(plain.experts, scored.experts) and torch.equal(plain.weights, scored.weights)
     torch.testing.assert_close(scored.scores, torch.softmax(x @ gate.weight.T, -1))
+
+
+@pytest.mark.parametrize("case", ["v2_lite", "v2_group", "v3_noaux"])
+def test_replay_rows_of_minus_one_choose_by_themselves(case):
+    """A recorded replay (int8, -1 where the engine computed no routing) equals the model's own forward
+    where the ids are its own, and forces the rest."""
+    model = case_model(case).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trace = RoutingTrace()
+        first = model(input_ids=ids, routing=trace)
+        partial = {layer: e.to(torch.int8).clone() for layer, e in trace.experts().items()}
+        for e in partial.values():
+            e[::2] = -1
+        replayed = model(input_ids=ids, routing=RoutingTrace(replay=partial))
+        k, n = model.config.num_experts_per_tok, model.config.n_routed_experts
+        other = {layer: (e.long() + k) % n for layer, e in trace.experts().items()}  # never the own choice
+        for e in other.values():
+            e[::2] = -1
+        forced = RoutingTrace(replay=other)
+        model(input_ids=ids, routing=forced)
+    torch.testing.assert_close(replayed.logits, first.logits, rtol=1e-6, atol=1e-6)
+    for layer, routing in forced.layers.items():
+        assert torch.equal(routing.experts[::2], trace.layers[layer].experts[::2])
+        assert torch.equal(routing.experts[1::2], other[layer][1::2])

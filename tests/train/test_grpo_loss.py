@@ -272,11 +272,17 @@ def trl_setup(tmp_path_factory: pytest.TempPathFactory) -> TRLSetup:
 
 def _per_token_logps(model, inputs: dict[str, Tensor]) -> Tensor:
     """Plain forward + log-softmax of temperature-scaled logits, gathered at the completion tokens."""
+    return _logps_entropies(model, inputs)[0]
+
+
+def _logps_entropies(model, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(_per_token_logps, the entropy of each completion position's distribution, without gradient)."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     t = inputs["completion_ids"].size(1)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, -t - 1 : -1] / TEMPERATURE
-    return logits.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    logp = (model(input_ids=ids, attention_mask=attn).logits[:, -t - 1 : -1] / TEMPERATURE).log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1).detach()
+    return logp.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1), entropy
 
 
 def _loss_inputs(model, out: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -312,14 +318,16 @@ def _our_loss(
     model, inputs: dict[str, Tensor], cfg: GRPOLossConfig, **scaling: int
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     model.zero_grad(set_to_none=True)
+    logps, entropies = _logps_entropies(model, inputs)
     loss, metrics = grpo_loss(
-        _per_token_logps(model, inputs),
+        logps,
         inputs.get("old_per_token_logps"),
         inputs["ref_per_token_logps"] if cfg.beta else None,
         inputs["advantages"],
         inputs["completion_mask"],
         cfg,
         inputs["num_items_in_batch"],
+        entropies=entropies,
         **scaling,
     )
     loss.backward()
@@ -337,11 +345,14 @@ def configure(trl_setup: TRLSetup, monkeypatch: pytest.MonkeyPatch) -> Iterator:
             "epsilon_high": cfg.eps_high, "importance_sampling_level": cfg.importance_sampling_level,
             "max_completion_length": cfg.max_completion_length,
             "current_gradient_accumulation_steps": grad_accum_steps,
+            "top_entropy_quantile": cfg.top_entropy_quantile,
         }.items():  # fmt: skip
             monkeypatch.setattr(tr, name, value)
         monkeypatch.setattr(tr.args, "delta", cfg.delta)
         monkeypatch.setattr(tr.args, "use_bias_correction_kl", cfg.use_bias_correction_kl)
         monkeypatch.setattr(tr.args, "steps_per_generation", steps_per_generation)
+        monkeypatch.setattr(tr.args, "sapo_temperature_neg", cfg.sapo_temperature_neg)
+        monkeypatch.setattr(tr.args, "sapo_temperature_pos", cfg.sapo_temperature_pos)
 
     yield apply
 
@@ -364,7 +375,7 @@ def _assert_matches_trl(
 @pytest.mark.parametrize("policy", ["on", "off"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
 def test_loss_matches_trl(trl_setup: TRLSetup, configure, loss_type, level, beta, policy) -> None:
     cfg = GRPOLossConfig(
         beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type,
@@ -387,7 +398,41 @@ def test_delta_and_no_kl_correction_match_trl(trl_setup: TRLSetup, configure, lo
     _assert_matches_trl(trl_setup, trl_setup.inputs, cfg)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_cap_and_sapo_temperatures_match_trl(trl_setup: TRLSetup, configure, loss_type) -> None:
+    """cispo's epsilon_high is the absolute cap on ρ (TRL: ε_max, 5.0 recommended; here low so it binds)."""
+    cfg = GRPOLossConfig(
+        beta=0.04, epsilon_high=1.1, loss_type=loss_type, sapo_temperature_neg=2.0, sapo_temperature_pos=0.5,
+        max_completion_length=MAX_COMPLETION,
+    )  # fmt: skip
+    configure(cfg)
+    _assert_matches_trl(trl_setup, trl_setup.inputs, cfg)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.2, 0.6])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_top_entropy_quantile_matches_trl(trl_setup: TRLSetup, configure, loss_type, quantile) -> None:
+    cfg = GRPOLossConfig(
+        beta=0.04, epsilon_high=0.28, loss_type=loss_type, top_entropy_quantile=quantile,
+        max_completion_length=MAX_COMPLETION,
+    )  # fmt: skip
+    configure(cfg)
+    _assert_matches_trl(trl_setup, trl_setup.inputs, cfg)
+
+
+def test_top_entropy_quantile_keeps_the_high_entropy_share() -> None:
+    from align.train.grpo_loss import high_entropy_mask
+
+    entropies = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.2, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    kept = high_entropy_mask(entropies, mask, 0.5)  # 6 masked tokens: the top half by entropy
+    assert kept.tolist() == [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    assert high_entropy_mask(entropies, torch.zeros_like(mask), 0.2).sum() == 0
+    with pytest.raises(ValueError, match="entropies"):
+        grpo_loss(entropies, None, None, torch.ones(2), mask, GRPOLossConfig(top_entropy_quantile=0.5), 6.0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
 def test_gradient_accumulation_scaling_matches_trl(trl_setup: TRLSetup, configure, loss_type) -> None:
     cfg = GRPOLossConfig(beta=0.04, loss_type=loss_type, max_completion_length=MAX_COMPLETION)
     configure(cfg, grad_accum_steps=2, steps_per_generation=4)
