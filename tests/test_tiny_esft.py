@@ -31,11 +31,11 @@ def final_exact_match(run_dir) -> float:
 def test_esft_improves_on_its_base(esft_run):
     sft_dir, run_dir, out = esft_run
     choice = read_choice(run_dir / EXPERTS_FILE)
-    assert choice.score == "token" and choice.top_p == 0.2 and choice.tokens >= 16384
+    assert choice.score == "gate" and choice.top_p == 0.2 and choice.tokens >= 16384
     assert set(choice.layers) == {1, 2} and all(1 <= len(ids) < 8 for ids in choice.layers.values())
     assert "ESFT: " in out and "trainable parameters: " in out
     base, tuned = final_exact_match(sft_dir), final_exact_match(run_dir)
-    assert tuned >= base + 0.02, (base, tuned)  # measured: 83.0% -> 87.5% (1 thread)
+    assert tuned >= base + 0.05, (base, tuned)  # measured: 77.0% -> 86.0% (2 threads)
     assert f"eval exact match: {tuned:.1%}" in out
 
 
