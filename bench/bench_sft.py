@@ -355,6 +355,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, help="align: also run on N processes (DDP)")
     parser.add_argument("--align-only", action="store_true")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-unpacked", action="store_true", help="no unpacked equal-length run")
     parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
@@ -385,13 +386,15 @@ def header(args, docs: list[int]) -> dict:
 def run_product(args, work: Path, chats: Path, long: Path) -> dict:
     """align sft on the mixed chats (packed), on N processes if asked, and on long rows unpacked."""
     out = {}
-    for name, data, packing, processes in [("align", chats, True, 1), ("align_unpacked", long, False, 1)] + (
-            [("align_ddp", chats, True, args.processes)] if args.processes > 1 else []):
+    runs = [("align", chats, True, 1)] + ([] if args.skip_unpacked else [("align_unpacked", long, False, 1)])
+    runs += [("align_ddp", chats, True, args.processes)] if args.processes > 1 else []
+    for name, data, packing, processes in runs:
         recipe, run_dir = work / f"{name}.yaml", work / name
         recipe.write_text(recipe_text(data, run_dir, args, packing))
         out[name] = run_align(recipe, run_dir, processes, args.warmup)
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "losses"}), flush=True)
-    out["packed_vs_unpacked"] = out["align"]["tokens_per_s"] / out["align_unpacked"]["tokens_per_s"]
+    if "align_unpacked" in out:
+        out["packed_vs_unpacked"] = out["align"]["tokens_per_s"] / out["align_unpacked"]["tokens_per_s"]
     if "align_ddp" in out:
         single = args.processes * out["align"]["tokens_per_s"]
         out["ddp_per_gpu_efficiency"] = out["align_ddp"]["tokens_per_s"] / single
