@@ -251,8 +251,9 @@ class GRPOSection:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     # MoE: the policy's forwards route each rollout token to the experts the engine used (recomputing
-    # only the gate weights); none: they route by themselves
-    routing_replay: Literal["none", "rollout"] = "none"
+    # only the gate weights); none: they route by themselves. Default rollout: on the H200 at V2-Lite
+    # shape it lowered policy/logprob_mismatch 0.0293 -> 0.0237 for +0.8% step time (bench/BENCHMARKS.md)
+    routing_replay: Literal["none", "rollout"] = "rollout"
     # DAPO dynamic sampling: drop groups whose rewards are all equal, generate more prompts until the step
     # holds prompts_per_step informative groups, at most max_sampling_rounds extra rounds per step
     dynamic_sampling: bool = False
