@@ -276,7 +276,9 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
 def profile_product(recipe: Path, run_dir: Path, segments: bool, device: str) -> dict:
     """The product's own loop (align.train.sft.run_sft) in this process under torch.profiler: 2 steps
     after 3 untraced ones. segments=False forces the dense-mask attention the step used before the
-    varlen layout. Returns the top kernels / ops by self device time and the host-sync count per step."""
+    varlen layout. Returns the top kernels / ops by self device time, and per step the host waits for the GPU
+    (stream / device synchronisations, the traced sync included) and scalar reads (`.item()` and the like, on
+    CPU or GPU tensors)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     import align.models.layout as layout
@@ -304,10 +306,11 @@ def profile_product(recipe: Path, run_dir: Path, segments: bool, device: str) ->
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
     total = sum(getattr(e, key) for e in events) / 2
-    syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize")) / 2
+    reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense") / 2  # .item() etc, CPU or GPU
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / 2
     free(device)
     return {"layout": "segments" if segments else "dense_mask", "device_ms_per_step": total / 1e3,
-            "host_syncs_per_step": syncs,
+            "gpu_syncs_per_step": syncs, "scalar_reads_per_step": reads,
             "top": [{"name": e.key[:80], "ms_per_step": getattr(e, key) / 2e3, "share": getattr(e, key) / 2 / total,
                      "calls_per_step": e.count / 2} for e in top]}
 
