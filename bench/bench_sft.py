@@ -279,12 +279,14 @@ def profile_product(recipe: Path, run_dir: Path, segments: bool, device: str) ->
     varlen layout. Returns the top kernels / ops by self device time, and per step the host waits for the GPU
     (stream / device synchronisations, the traced sync included) and scalar reads (`.item()` and the like, on
     CPU or GPU tensors)."""
+    from accelerate.state import AcceleratorState
     from torch.profiler import ProfilerActivity, profile, schedule
 
     import align.models.layout as layout
     from align.recipe import SFTRecipe, load_recipe
     from align.train import sft
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # product_rows' CPU accelerator came first
     parsed = load_recipe(SFTRecipe, recipe, [f"output.run_dir={run_dir}", "train.steps=5"])
     step, enabled = sft.train_step, layout.segments_enabled
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
