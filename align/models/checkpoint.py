@@ -67,10 +67,11 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 class _Loader:
     """Copies hub-layout tensors into a materialised model, checking names and shapes."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, skip: tuple[str, ...] = (), fresh: tuple[str, ...] = ()):
         self.state = dict(model.state_dict(keep_vars=True))
         self.config = model.config
-        self.expected = {k for k in self.state if not self._tied(k)}
+        self.skip = set(skip)  # checkpoint keys read past on purpose (a causal LM's head under a score head)
+        self.expected = {k for k in self.state if not self._tied(k) and k not in fresh}
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
 
@@ -93,7 +94,7 @@ class _Loader:
     def _skippable(self, key: str) -> bool:
         layer = LAYER_KEY.match(key)
         beyond = layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers
-        return beyond or bool(IGNORED.search(key)) or self._tied(key)
+        return beyond or bool(IGNORED.search(key)) or self._tied(key) or key in self.skip
 
     @torch.no_grad()
     def copy(self, key: str, tensor: torch.Tensor, file: Path) -> None:
@@ -146,20 +147,25 @@ def empty_model(cls, config, dtype: torch.dtype, device: torch.device):
         model = cls(config)
     model.to(dtype=dtype)
     model.to_empty(device=device)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
-def load_model(cls, path: str | os.PathLike, dtype=None, device_map=None):
-    """Read a hub-layout checkpoint directory into `cls`, streamed to the target device and dtype."""
+def load_model(cls, path: str | os.PathLike, dtype=None, device_map=None, skip: tuple[str, ...] = (),
+               fresh: tuple[str, ...] = (), **config_overrides):
+    """Read a hub-layout checkpoint directory into `cls`, streamed to the target device and dtype.
+    skip: checkpoint keys not to load; fresh: model keys the checkpoint need not hold (left uninitialised
+    for the caller); config_overrides: set on the config before the model is built (e.g. num_labels)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a local checkpoint directory)")
     config = load_config(path)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     files = shard_files(path)
     model = empty_model(cls, config, resolve_dtype(dtype, config), resolve_device(device_map))
-    loader = _Loader(model)
+    loader = _Loader(model, skip, fresh)
     for file in files:
         for key, tensor in read_tensors(file):
             loader.copy(key, tensor, file)
