@@ -2,6 +2,7 @@
 
     align sft recipe.yaml [key.sub=value ...]
     align rl  recipe.yaml [key.sub=value ...]
+    align rm  recipe.yaml [key.sub=value ...]
     align plot RUN_DIR
     align generate MODEL_DIR [--prompts rows.jsonl --out completions.jsonl | --interactive] ...
 
@@ -81,6 +82,20 @@ def run_rl_command(args: argparse.Namespace) -> int:
     return run_interruptible(run_rl, recipe, ["align", "rl", args.recipe, *args.overrides])
 
 
+def add_rm_parser(subparsers) -> None:
+    add_recipe_parser(subparsers, "rm", "reward-model training (Bradley-Terry) from a YAML recipe",
+                      "Train a reward model on preference pairs (chosen / rejected); see recipes/tiny_rm.yaml.",
+                      "train.steps=100 rm.center_rewards_coefficient=0.01", run_rm_command)
+
+
+def run_rm_command(args: argparse.Namespace) -> int:
+    from align.recipe import RMRecipe, load_recipe
+    from align.train.rm import run_rm
+
+    recipe = load_recipe(RMRecipe, resolve_recipe_path(args.recipe), args.overrides)
+    return run_interruptible(run_rm, recipe, ["align", "rm", args.recipe, *args.overrides])
+
+
 def add_plot_parser(subparsers) -> None:
     parser = subparsers.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
@@ -123,11 +138,12 @@ def add_generate_parser(subparsers) -> None:
     p.set_defaults(func=generate.main_generate)
 
 
-SUBCOMMANDS: list[Callable] = [add_sft_parser, add_rl_parser, add_plot_parser, add_generate_parser]
+SUBCOMMANDS: list[Callable] = [add_sft_parser, add_rl_parser, add_rm_parser, add_plot_parser, add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="SFT and GRPO for DeepSeek-V2-family models.")
+    parser = argparse.ArgumentParser(prog="align",
+                                     description="SFT, reward models and GRPO for DeepSeek-V2-family models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)

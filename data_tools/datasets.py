@@ -390,7 +390,7 @@ def _count(stats: DataStats, example: dict) -> None:
     stats.lengths.append(len(example["input_ids"]))
 
 
-def _row_dicts(rows: datasets.Dataset | Sequence[Mapping[str, object]]) -> Iterator[Mapping[str, object]]:
+def row_dicts(rows: datasets.Dataset | Sequence[Mapping[str, object]]) -> Iterator[Mapping[str, object]]:
     """The rows as dicts; a Dataset is read in Arrow batches (row-by-row indexing costs ~30 us a row)."""
     if not isinstance(rows, datasets.Dataset):
         yield from rows
@@ -402,7 +402,7 @@ def _row_dicts(rows: datasets.Dataset | Sequence[Mapping[str, object]]) -> Itera
 
 def _progress(rows: object, enabled: bool, source: str) -> object:
     if not enabled:
-        return _row_dicts(rows)
+        return row_dicts(rows)
     from tqdm.auto import tqdm
 
-    return tqdm(_row_dicts(rows), total=len(rows), desc=f"tokenizing {source}", unit="row")
+    return tqdm(row_dicts(rows), total=len(rows), desc=f"tokenizing {source}", unit="row")

@@ -14,9 +14,10 @@ from align.recipe.loader import (
     read_yaml,
     to_dict,
 )
-from align.recipe.schema import GRPOSection, LoopSection, RecipeBase, RewardSpec, RLRecipe, SFTRecipe
+from align.recipe.schema import GRPOSection, LoopSection, RecipeBase, RewardSpec, RLRecipe, RMRecipe, SFTRecipe
 
 __all__ = [
-    "GRPOSection", "LoopSection", "Range", "RecipeBase", "RecipeError", "RewardSpec", "RLRecipe", "SFTRecipe",
+    "GRPOSection", "LoopSection", "Range", "RecipeBase", "RecipeError", "RewardSpec", "RLRecipe", "RMRecipe",
+    "SFTRecipe",
     "all_keys", "apply_override", "build", "dump_recipe", "load_recipe", "read_yaml", "to_dict",
 ]

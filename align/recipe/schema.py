@@ -186,6 +186,8 @@ class RecipeBase:
     output: OutputSection = field(default_factory=OutputSection)
     resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
 
+    MODEL_HEAD: ClassVar[str] = "lm"  # the head of the trained model: lm (causal LM) | score (reward model)
+
 
 @dataclass
 class SFTRecipe(RecipeBase):
@@ -318,3 +320,60 @@ class RLRecipe(RecipeBase):
             except RewardConfigError as err:
                 raise RecipeError(str(err)) from err
         return self.__dict__["_reward_functions"]
+
+
+# ------------------------------------------------------------------------------------- RM schema
+
+
+@dataclass
+class PreferenceSyntheticSection:
+    """Arithmetic preference pairs (data_tools.synthetic_preferences), written to <run_dir>/data/."""
+
+    train: int = ranged(3000, AT_LEAST_1)  # training pairs
+    test: int = ranged(400, AT_LEAST_1)  # held-out pairs (no problem shared with train)
+    seed: int = ranged(0, SEED)
+    max_operand: int = ranged(99, AT_LEAST_1)
+    ops: str = "+-"
+    borrow_share: float = ranged(0.5, FRACTION)  # share of pairs whose rejected reply has the borrow bug
+
+
+@dataclass
+class PreferenceDataSection(DataSourceSection):
+    """Preference pairs in TRL's formats (data_tools/preferences.py): `chosen` + `rejected` conversations, or
+    `prompt` + `chosen` + `rejected`; an optional numeric `margin` column."""
+
+    synthetic: PreferenceSyntheticSection | None = None  # instead of `train` / `eval`
+    eval_fraction: float = ranged(0.0, Range(0, 1, open_high=True))  # held-out share of train when no `eval`
+    max_length: int = ranged(1024, Range(2))  # a pair with a longer side is dropped (counted), as in TRL
+
+
+@dataclass
+class RMSection:
+    """The Bradley-Terry loss -log sigmoid(r_chosen - r_rejected [- margin]); names as trl.RewardConfig."""
+
+    center_rewards_coefficient: float | None = ranged(None, NON_NEGATIVE)  # + c * mean((r_c + r_r)^2); null = off
+
+
+@dataclass
+class RMEvalSection:
+    batch_size: int = ranged(64, AT_LEAST_1)  # pairs per eval forward
+
+
+@dataclass
+class RMOutputSection(OutputSection):
+    run_dir: str = "runs/rm"
+    merge: bool = True  # write <run_dir>/final: the sequence-classification checkpoint (LoRA merged) + tokenizer
+
+
+@dataclass
+class RMRecipe(RecipeBase):
+    """`align rm`: a reward model (align.models.DeepseekV2ForSequenceClassification) from `model.path`, usually
+    the SFT output (its LM head is replaced by a scalar score head), or from a sequence-classification
+    checkpoint. train.micro_batch_size counts pairs."""
+
+    MODEL_HEAD: ClassVar[str] = "score"
+    data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: RMEvalSection = field(default_factory=RMEvalSection)
+    output: RMOutputSection = field(default_factory=RMOutputSection)
+    rm: RMSection = field(default_factory=RMSection)

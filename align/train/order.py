@@ -31,3 +31,9 @@ class DataOrder:
         """Rows of extra round `round_` >= 1 of step k (dynamic sampling): a seeded draw without replacement."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + round_)
         return torch.randperm(self.n, generator=generator)[: self.per_step].tolist()
+
+
+def local_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This process's micro-batches of a step: micro-batch m of rank r is the (m * world + r)-th slice."""
+    accum = len(indices) // (world * micro)
+    return [indices[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)]

@@ -105,6 +105,38 @@ def synthetic_files(recipe: RecipeBase, accelerator: Accelerator) -> tuple[Path,
     return out / "train.jsonl", out / "test.jsonl"
 
 
+def file_rows(data, seed: int) -> tuple[object, object, str, str]:
+    """(train rows, eval rows or None, train source, eval source) of `data.train`, then `data.eval` or a
+    seeded `data.eval_fraction` split of train (datasets.Dataset objects)."""
+    from data_tools.datasets import load_rows
+
+    train = load_rows(data.train, data.train_split, data.on_error)
+    if data.eval is not None:
+        return train, load_rows(data.eval, data.eval_split, data.on_error), str(data.train), str(data.eval)
+    if data.eval_fraction > 0:
+        split = train.train_test_split(test_size=data.eval_fraction, seed=seed)
+        return split["train"], split["test"], str(data.train), f"{data.train} (eval_fraction)"
+    return train, None, str(data.train), ""
+
+
+def apply_step(setup: Setup, sums: torch.Tensor, max_grad_norm: float | None) -> tuple:
+    """After the micro-batches' backward passes: clip, sum the step's statistics `sums` over processes, and
+    step the optimizer unless a statistic or the gradient norm is NaN / inf on some process (then no process
+    does). Returns (global sums, gradient norm, skipped)."""
+    accelerator = setup.accelerator
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    skipped = guards.any_nonfinite(torch.cat([sums, norm.reshape(1).to(sums)]), accelerator)
+    if not skipped:
+        setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return sums, norm, skipped
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 
 

@@ -30,7 +30,7 @@ RECIPE = "recipe.yaml"
 RUN_ENTRIES = {RECIPE, "metrics.jsonl", "completions.jsonl", ckpt.CHECKPOINTS, "final", "base", "data", "plots",
                "esft_experts.json"}
 # keys that must match to resume: the checkpoint's weights, data order and optimizer state depend on them
-MUST_MATCH = ("model", "tokenizer", "data", "lora", "esft", "optim", "train.seed")
+MUST_MATCH = ("model", "tokenizer", "data", "lora", "esft", "rm", "optim", "train.seed")
 MAY_CHANGE = ("lora.dropout",)
 IGNORED = ("output", "resume_from")
 

@@ -31,7 +31,9 @@ def load_base_model(recipe: RecipeBase, device: torch.device, full_checkpoint: P
     from align.models import DeepseekV2ForCausalLM, build_model
 
     m = recipe.model
-    if full_checkpoint is not None:
+    if recipe.MODEL_HEAD == "score":
+        model = load_score_model(recipe, device, full_checkpoint)
+    elif full_checkpoint is not None:
         model = DeepseekV2ForCausalLM.from_pretrained(full_checkpoint, dtype=m.dtype, device_map=device)
     elif m.path is not None:
         model = DeepseekV2ForCausalLM.from_pretrained(m.path, dtype=m.dtype, device_map=device)
@@ -41,6 +43,29 @@ def load_base_model(recipe: RecipeBase, device: torch.device, full_checkpoint: P
     if recipe.train.aux_loss_alpha is not None:
         set_aux_loss_alpha(model, recipe.train.aux_loss_alpha)
     return model.train()
+
+
+def load_score_model(recipe: RecipeBase, device: torch.device, full_checkpoint: Path | None = None):
+    """A reward model: a checkpoint being resumed or a sequence-classification `model.path` as it is, a
+    causal-LM `model.path` (an SFT output) or a preset with a fresh score head."""
+    from align.models import DeepseekV2ForSequenceClassification as Scorer
+    from align.models.sequence_classification import is_score_checkpoint
+
+    m, seed = recipe.model, recipe.train.seed if recipe.model.seed is None else recipe.model.seed
+    path = full_checkpoint if full_checkpoint is not None else m.path
+    if path is not None and is_score_checkpoint(path):
+        return Scorer.from_pretrained(path, dtype=m.dtype, device_map=device)
+    if path is not None:
+        return Scorer.from_causal_lm(path, dtype=m.dtype, device_map=device, seed=seed)
+    from align.models.checkpoint import empty_model, resolve_dtype
+    from align.models.presets import preset_config
+
+    config = preset_config(m.preset, **m.config)  # a preset: random backbone and head
+    config.num_labels = 1  # one scalar reward (transformers' configs default to 2 labels)
+    model = empty_model(Scorer, config, resolve_dtype(m.dtype, config), device)
+    with torch.random.fork_rng(devices=[]):
+        model.reset_parameters(seed)
+    return model
 
 
 def set_aux_loss_alpha(model: torch.nn.Module, alpha: float) -> None:
@@ -185,7 +210,10 @@ class LoRASetup(Setup):
         model = load_base_model(recipe, accelerator.device)
         base_ref = base_reference(recipe, model, tokenizer, accelerator)
         lo = recipe.lora
-        model = apply_lora(model, lora_config(model, lo.r, lo.alpha, lo.dropout, lo.targets, lo.routed_experts))
+        config = lora_config(model, lo.r, lo.alpha, lo.dropout, lo.targets, lo.routed_experts)
+        if recipe.MODEL_HEAD == "score":  # the fresh score head trains in full beside the adapters
+            config.modules_to_save = ["score"]
+        model = apply_lora(model, config)
         if resume is not None:
             ckpt.load_adapter_weights(model, resume / "adapter")
         return model, {"base_ref": base_ref}
@@ -336,6 +364,8 @@ def loss_head(model, distribution: str, accelerator: Accelerator):
     """The output Linear for the trained-positions-only loss: one process, or DDP with a frozen head
     (FSDP shards it, and DDP expects trained parameters to be used inside its forward)."""
     head = unwrap(model, accelerator).get_output_embeddings()
+    if head is None:  # a score head (reward model): no LM head
+        return None
     if distribution == "single" or (distribution == "ddp" and not head.weight.requires_grad):
         return head
     return None

@@ -29,7 +29,7 @@ from align.train import checkpointing as ckpt
 from align.train import guards, run, rundir
 from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.metrics import progress_bar
-from align.train.order import DataOrder
+from align.train.order import DataOrder, local_micro_batches
 from align.train.setup import Setup, setup_model
 from data_tools.chat import IGNORE_INDEX
 from data_tools.tokenizer import padding_id
@@ -61,13 +61,7 @@ def load_sft_rows(recipe: SFTRecipe, accelerator: Accelerator) -> tuple[object, 
     if data.synthetic is not None:
         train_path, eval_path = run.synthetic_files(recipe, accelerator)
         return load_rows(train_path), load_rows(eval_path), str(train_path), str(eval_path)
-    train = load_rows(data.train, data.train_split, data.on_error)
-    if data.eval is not None:
-        return train, load_rows(data.eval, data.eval_split, data.on_error), str(data.train), str(data.eval)
-    if data.eval_fraction > 0:
-        split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
-        return split["train"], split["test"], str(data.train), f"{data.train} (eval_fraction)"
-    return train, None, str(data.train), ""
+    return run.file_rows(data, recipe.train.seed)
 
 
 def _tokenize(rows, tokenizer, recipe: SFTRecipe, source: str, say) -> list[dict]:
@@ -102,12 +96,6 @@ def prepare_data(recipe: SFTRecipe, tokenizer, accelerator: Accelerator, say) ->
     return data
 
 
-def local_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
-    """This process's micro-batches of a step: micro-batch m of rank r is the (m * world + r)-th slice."""
-    accum = len(indices) // (world * micro)
-    return [indices[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)]
-
-
 def total_steps(recipe: SFTRecipe, n_rows: int, rows_per_step: int) -> int:
     if recipe.train.steps is not None:
         return recipe.train.steps
@@ -131,17 +119,7 @@ def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTR
             # x world: DDP / FSDP average gradients over processes; the aux loss is a per-micro mean
             accelerator.backward(ce * world + aux / len(batches))
         sums += torch.stack([ce.detach().double(), aux.detach().double() / len(batches)])
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = recipe.train.max_grad_norm or float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if world > 1:
-        sums = accelerator.reduce(sums, reduction="sum")
-    skipped = guards.any_nonfinite(torch.cat([sums, norm.reshape(1).to(sums)]), accelerator)
-    if not skipped:
-        setup.optimizer.step()
-    setup.scheduler.step()
-    setup.optimizer.zero_grad(set_to_none=True)
+    sums, norm, skipped = run.apply_step(setup, sums, recipe.train.max_grad_norm)
     return {"train/loss": sums[0].item(), "train/aux_loss": sums[1].item() / world,
             "train/grad_norm": norm.item(), "train/lr": lr, "_skipped": skipped}
 
