@@ -95,3 +95,50 @@ def test_cuda_by_default_matches_cpu(plain_model):
     assert net.device.type == "cuda" and net.dtype == torch.bfloat16
     assert fp32 == pytest.approx(cpu, abs=1e-4)
     assert auto == pytest.approx(cpu, abs=5e-2)
+
+
+@pytest.fixture(scope="module")
+def align_model(tmp_path_factory):
+    """A tiny `align rm`-style checkpoint: align's sequence-classification class + the tiny tokenizer."""
+    from align.models import DeepseekV2ForSequenceClassification
+    from align.models.presets import preset_config
+    from data_tools.tokenizer import load_tokenizer, padding_id
+
+    path = tmp_path_factory.mktemp("align_rm")
+    tokenizer = load_tokenizer("tiny")
+    config = preset_config("tiny", num_hidden_layers=2)
+    config.num_labels, config.pad_token_id = 1, padding_id(tokenizer)
+    torch.manual_seed(0)
+    model = DeepseekV2ForSequenceClassification(config)
+    model.reset_parameters(0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_align_checkpoint_runs_on_align_class_with_transformers_scores(align_model):
+    from align.models import DeepseekV2ForSequenceClassification
+
+    net, tokenizer = load_reward_model(align_model, "cpu", "auto", "auto")
+    assert isinstance(net, DeepseekV2ForSequenceClassification)
+    prompts = [[{"role": "user", "content": f"What is {a} + 7?"}] for a in (3, 14, 250)]
+    completions = [[{"role": "assistant", "content": f" {a + 7}"}] for a in (3, 14, 260)]
+    ours = reward_model_reward(prompts, completions, model=align_model, device="cpu", batch_size=2)
+    theirs = reward_model_reward(prompts, completions, model=align_model, device="cpu", model_class="transformers")
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5)
+    assert len(set(ours)) == 3
+
+
+def test_reply_whitespace_is_rendered_once(align_model):
+    _, tokenizer = load_reward_model(align_model, "cpu", "auto", "auto")
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    # the engine's completion text carries the space after "Assistant:"; SFT / RM data do not
+    assert pair_text(tokenizer, prompt, [{"role": "assistant", "content": " 4"}]) == (
+        tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "4"}], tokenize=False))
+    assert pair_text(tokenizer, prompt, [{"role": "assistant", "content": "4"}]).endswith("Assistant: 4" +
+                                                                                          tokenizer.eos_token)
+
+
+def test_bad_model_class_fails_at_build_time(align_model):
+    with pytest.raises(RewardConfigError, match="model_class"):
+        build_rewards([{"name": "reward_model", "params": {"model": align_model, "model_class": "Nope"}}])
