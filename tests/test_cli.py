@@ -43,7 +43,7 @@ def test_subcommands_registered(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "sft" in out and "rl" in out and "plot" in out and "generate" in out
+    assert "sft" in out and "rl" in out and "rm" in out and "plot" in out and "generate" in out
     parser = build_parser()
     assert parser.parse_args(["sft", "r.yaml", "a=1", "b.c=2"]).overrides == ["a=1", "b.c=2"]
 

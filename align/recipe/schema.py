@@ -278,6 +278,7 @@ class RLTrainSection(LoopSection):
 class RLEvalSection(EvalSection):
     exact_match: bool = True  # greedy exact match on data.eval (synthetic: its test split)
     engine: bool = True  # decode with the rollout engine (false: plain full forwards, slow)
+    rewards: bool = False  # also score the greedy eval replies with the recipe's rewards (eval/reward/mean, ...)
 
 
 @dataclass

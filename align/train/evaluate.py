@@ -145,10 +145,10 @@ def prompt_and_answer(row: Mapping) -> tuple[object, str]:
 
 def exact_match_eval(
     model, tokenizer, rows: Sequence[Mapping], max_new_tokens: int, batch_size: int, accelerator,
-    engine: bool = False,
+    engine: bool = False, keep: int = 5,
 ) -> tuple[float, list[dict]]:
     """Share of rows whose greedy reply has the reference answer (rewards.extract.last_number_matches),
-    and a few examples {prompt, completion, answer, correct} from the main process."""
+    and the first `keep` examples {prompt, completion, answer, correct, row} of this process's share."""
     from data_tools.chat import render_prompt
     from data_tools.tokenizer import padding_id
     from rewards.extract import last_number_matches
@@ -178,10 +178,27 @@ def exact_match_eval(
             text = tokenizer.decode(ids, skip_special_tokens=True)
             ok = last_number_matches(text, answer)
             correct += ok
-            if len(samples) < 5:
-                samples.append({"prompt": prompt, "completion": text, "answer": answer, "correct": ok})
+            if len(samples) < keep:
+                samples.append({"prompt": prompt, "completion": text, "answer": answer, "correct": ok,
+                                "row": chunk[i]})
     model.train(was_training)
     counts = torch.tensor([float(correct), float(real)], dtype=torch.float64, device=accelerator.device)
     if multi:
         counts = accelerator.reduce(counts, reduction="sum")
     return (counts[0] / counts[1].clamp(min=1)).item(), samples
+
+
+def reward_eval(rewards, samples: Sequence[Mapping]) -> dict[str, float]:
+    """The recipe's rewards on greedy eval completions (exact_match_eval's samples): eval/reward/mean (the
+    weighted total) and eval/rewards/<label>/mean, as TRL passes rewards their inputs (conversational
+    prompts get [{"role": "assistant", ...}] completions; the rows' other columns as keyword lists)."""
+    from rewards import reward_metrics, score
+
+    prompts = [s["prompt"] for s in samples]
+    completions = [s["completion"] if isinstance(p, str) else [{"role": "assistant", "content": s["completion"]}]
+                   for p, s in zip(prompts, samples, strict=True)]
+    names = [k for k in samples[0]["row"] if k not in ("prompt", "messages")] if samples else []
+    columns = {k: [s["row"].get(k) for s in samples] for k in names}
+    totals, per_function, errors = score(rewards, prompts, completions, columns)
+    metrics = reward_metrics(per_function, errors, totals)
+    return {f"eval/{k}": v for k, v in metrics.items() if k.endswith("/mean")}

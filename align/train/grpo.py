@@ -36,7 +36,7 @@ from align.train import checkpointing as ckpt
 from align.train import guards, rundir
 from align.train.advantages import group_advantages, reward_std
 from align.train.dynamic_sampling import fill_groups
-from align.train.evaluate import exact_match_eval
+from align.train.evaluate import exact_match_eval, reward_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
 from align.train.metrics import progress_bar
 from align.train.moe_metrics import MoEMetrics
@@ -454,9 +454,17 @@ def exact_match(run: Run) -> dict[str, float]:
     if not (e.exact_match and run.data.eval_rows):
         return {}
     rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
-    score, _ = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
-                                run.setup.accelerator, engine=e.engine)
-    return {"eval/exact_match": score}
+    score, samples = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
+                                      run.setup.accelerator, engine=e.engine, keep=len(rows) if e.rewards else 5)
+    return {"eval/exact_match": score, **(reward_eval(run.rewards, samples) if e.rewards else {})}
+
+
+def reward_note(metrics: dict) -> str:
+    """' (reward 0.123; reward_model 0.456, ...)' of an eval with eval.rewards, else ''."""
+    if "eval/reward/mean" not in metrics:
+        return ""
+    parts = [f"{k.split('/')[2]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/rewards/")]
+    return f" (reward {metrics['eval/reward/mean']:.3f}; {', '.join(parts)})"
 
 
 def train_loop(run: Run) -> dict:
@@ -465,7 +473,7 @@ def train_loop(run: Run) -> dict:
     first = exact_match(run) if start == 0 else {}
     if first:
         run.log.writer.write(0, first)
-        run.say(f"exact match before RL: {first['eval/exact_match']:.1%}")
+        run.say(f"exact match before RL: {first['eval/exact_match']:.1%}{reward_note(first)}")
     order = DataOrder(len(run.data.train), t.seed, recipe.grpo.prompts_per_step)
     bar = progress_bar(t.steps, start, recipe.output.progress, desc="rl")
     watch = Watch.resumed(run)
@@ -558,6 +566,8 @@ def finish(run: Run, first: dict, watch: Watch) -> dict:
     if last:
         before = f"{first['eval/exact_match']:.1%} before RL, " if first else ""
         run.say(f"eval exact match: {before}{last['eval/exact_match']:.1%} after {recipe.train.steps} steps")
+        if "eval/reward/mean" in last:
+            run.say(f"eval reward before RL:{reward_note(first) or ' (not measured)'}; after:{reward_note(last)}")
     run.say(f"checkpoint: {ckpt.checkpoint_dir(recipe.output.run_dir, recipe.train.steps)}")
     if recipe.output.merge:
         out = save_final(run.setup, run.tokenizer, recipe, recipe.train.steps)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.recipe import RecipeError, RLRecipe, SFTRecipe, dump_recipe, load_recipe, read_yaml, to_dict
+from align.recipe import RecipeError, RLRecipe, RMRecipe, SFTRecipe, dump_recipe, load_recipe, read_yaml, to_dict
 from align.train.lora import lora_config
 from align.train.optim import build_optimizer, build_scheduler
 
@@ -28,10 +28,17 @@ MINIMAL = "model: {preset: tiny}\ndata: {train: rows.jsonl}\ntrain: {steps: 3}\n
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads_and_opens_with_its_launch_command(path):
     first = path.read_text().splitlines()[0]
-    kind = "rl" if f"rl recipes/{path.name}" in first else "sft"
+    kind = next((k for k in ("rl", "rm") if f"{k} recipes/{path.name}" in first), "sft")
     assert first.startswith("# ") and (f"align {kind} recipes/{path.name}" in first
                                        or f"align.cli {kind} recipes/{path.name}" in first), first
-    schema = RLRecipe if kind == "rl" else SFTRecipe
+    schema = {"rl": RLRecipe, "rm": RMRecipe, "sft": SFTRecipe}[kind]
+    raw = read_yaml(path)
+    rewards = [r for r in raw.get("rewards", []) if isinstance(r, dict)]
+    models = [r["params"]["model"] for r in rewards if r["name"] == "reward_model"]
+    if any(not Path(m, "config.json").is_file() for m in models):  # a reward model an earlier command writes
+        with pytest.raises(RecipeError, match="reward_model.*not a local model directory"):
+            load_recipe(schema, path)
+        return
     assert isinstance(load_recipe(schema, path), schema)
 
 
