@@ -15,7 +15,7 @@ from align.train.run import Cadence, load_tokenizer_for
 from align.train.setup import FullSetup, LoRASetup, setup_model
 
 TRAIN = Path(__file__).resolve().parents[2] / "align" / "train"
-LOOPS = {"sft", "grpo"}
+LOOPS = {"sft", "grpo", "rm"}
 FLOOR = ("run", "setup", "order")
 
 BASE = ["model.preset=tiny", "model.config.num_hidden_layers=2", "data.synthetic.train=8", "train.steps=2",
