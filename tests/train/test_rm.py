@@ -78,3 +78,12 @@ def test_missing_rejected_column_names_the_file(tmp_path):
         run_rm(load_recipe(RMRecipe, None, [*BASE[:2], "data.synthetic=null", f"data.train={data}",
                                             f"output.run_dir={tmp_path / 'run'}", "train.steps=1"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lora_resume_restores_the_score_head(tmp_path):
+    lora = ["lora.r=4", "optim.lr=1e-2", "train.steps=6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_rm(recipe(a, *lora, "train.save_every=3"))
+    run_rm(recipe(b, *lora, f"resume_from={a / 'checkpoints' / 'step-000003'}"))
+    for step in (4, 5, 6):
+        assert losses(b)[step] == pytest.approx(losses(a)[step], rel=1e-6, abs=1e-7), step
