@@ -2,9 +2,10 @@
 
 Each row is TRL's explicit preference format plus two columns for analysis:
 {"prompt": [user], "chosen": [assistant: the right answer], "rejected": [assistant: a wrong one],
- "wrong": "borrow" | "near", "answer": "35"}. A share `borrow_share` of the pairs (default half) reject the
-flawed SFT teacher's bug on a subtraction that needs a borrow (52 - 17 -> "45"); the others reject a
-near miss of a problem that needs no borrow (the right answer +-1, +-2, +-10 or +-11, never negative).
+ "wrong": "borrow" | "random" | "near", "answer": "35"}. A share `borrow_share` of the pairs (default
+half) reject the flawed SFT teacher's bug on a subtraction that needs a borrow (52 - 17 -> "45"); the
+others, on problems that need no borrow, reject any other number up to the largest answer
+(`other_wrong: random`) or a near miss (`near`: the right answer +-1, +-2, +-10 or +-11, never negative).
 Test and train pairs never share a problem, and the test pairs are the same whatever `n_train`.
 
     python -m data_tools.synthetic_preferences --out data/prefs --train 3000 --test 400
@@ -21,6 +22,7 @@ from data_tools.jsonl import write_jsonl
 from data_tools.synthetic import OPS, Problem, needs_borrow, solve
 
 NEAR_MISSES = (1, -1, 2, -2, 10, -10, 11, -11)
+OTHER_WRONG = ("random", "near")
 
 
 def all_problems(max_operand: int, ops: str) -> list[Problem]:
@@ -35,13 +37,20 @@ def _reply(value: int) -> dict:
     return {"role": "assistant", "content": str(value)}
 
 
-def _pair(problem: Problem, wrong: str, rng: random.Random) -> dict:
+def _wrong(right: int, wrong: str, top: int, rng: random.Random) -> int:
+    """A wrong answer: the borrow bug (+10), a near miss, or any other number 0..top."""
+    if wrong == "borrow":
+        return right + 10
+    if wrong == "near":
+        return rng.choice([right + d for d in NEAR_MISSES if right + d >= 0])
+    bad = rng.randint(0, top - 1)
+    return bad if bad < right else bad + 1  # uniform over 0..top without the right answer
+
+
+def _pair(problem: Problem, wrong: str, rng: random.Random, top: int) -> dict:
     a, op, b = problem
     right = solve(a, op, b)
-    if wrong == "borrow":
-        bad = right + 10
-    else:
-        bad = rng.choice([right + d for d in NEAR_MISSES if right + d >= 0])
+    bad = _wrong(right, wrong, top, rng)
     prompt = [{"role": "user", "content": f"What is {a} {op} {b}?"}]
     return {"prompt": prompt, "chosen": [_reply(right)], "rejected": [_reply(bad)],
             "wrong": wrong, "answer": str(right)}
@@ -53,10 +62,14 @@ def _split_counts(n: int, share: float) -> tuple[int, int]:
 
 
 def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-",
-                      borrow_share: float = 0.5) -> tuple[list[dict], list[dict]]:
-    """(train, test) preference rows, one problem per pair, no problem in both splits (seeded)."""
+                      borrow_share: float = 0.5, other_wrong: str = "random") -> tuple[list[dict], list[dict]]:
+    """(train, test) preference rows, one problem per pair, no problem in both splits (seeded). other_wrong:
+    the wrong reply of the pairs that are not borrow bugs, 'random' (any other number up to the largest
+    answer) or 'near' (a near miss)."""
     if not 0.0 <= borrow_share <= 1.0:
         raise ValueError(f"borrow_share must be in [0, 1], got {borrow_share}")
+    if other_wrong not in OTHER_WRONG:
+        raise ValueError(f"other_wrong is {other_wrong!r}; expected one of {', '.join(OTHER_WRONG)}")
     rng = random.Random(f"preferences:{seed}")
     problems = all_problems(max_operand, ops)
     rng.shuffle(problems)
@@ -68,10 +81,12 @@ def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int 
             f"asked for {test_b + train_b} borrow pairs and {test_n + train_n} near-miss pairs, but operands "
             f"0..{max_operand} with ops {ops!r} give {len(borrow)} borrowing subtractions and {len(near)} other "
             f"problems; lower train / test or raise max_operand")
-    test = [_pair(p, "borrow", rng) for p in borrow[:test_b]] + [_pair(p, "near", rng) for p in near[:test_n]]
+    top = max(solve(*p) for p in problems)
+    test = ([_pair(p, "borrow", rng, top) for p in borrow[:test_b]]
+            + [_pair(p, other_wrong, rng, top) for p in near[:test_n]])
     rng.shuffle(test)  # before any train draw: the test pairs do not depend on n_train
-    train = ([_pair(p, "borrow", rng) for p in borrow[test_b : test_b + train_b]]
-             + [_pair(p, "near", rng) for p in near[test_n : test_n + train_n]])
+    train = ([_pair(p, "borrow", rng, top) for p in borrow[test_b : test_b + train_b]]
+             + [_pair(p, other_wrong, rng, top) for p in near[test_n : test_n + train_n]])
     rng.shuffle(train)
     return train, test
 
@@ -86,6 +101,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-operand", type=int, default=99)
     parser.add_argument("--ops", default="+-")
     parser.add_argument("--borrow-share", type=float, default=0.5, help="share of pairs rejecting the borrow bug")
+    parser.add_argument("--other-wrong", default="random", choices=OTHER_WRONG, help="the other pairs' wrong reply")
     return parser.parse_args(argv)
 
 
@@ -93,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     try:
         train, test = preference_splits(args.train, args.test, args.seed, max_operand=args.max_operand,
-                                        ops=args.ops, borrow_share=args.borrow_share)
+                                        ops=args.ops, borrow_share=args.borrow_share,
+                                        other_wrong=args.other_wrong)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     write_jsonl(train, Path(args.out) / "train.jsonl")

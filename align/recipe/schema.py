@@ -336,6 +336,7 @@ class PreferenceSyntheticSection:
     max_operand: int = ranged(99, AT_LEAST_1)
     ops: str = "+-"
     borrow_share: float = ranged(0.5, FRACTION)  # share of pairs whose rejected reply has the borrow bug
+    other_wrong: Literal["random", "near"] = "random"  # the other pairs' rejected reply: any number, or a near miss
 
 
 @dataclass

@@ -63,7 +63,8 @@ def synthetic_pair_files(recipe: RMRecipe, accelerator: Accelerator):
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             train, test = preference_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand,
-                                            ops=spec.ops, borrow_share=spec.borrow_share)
+                                            ops=spec.ops, borrow_share=spec.borrow_share,
+                                            other_wrong=spec.other_wrong)
             write_jsonl(train, out / "train.jsonl")
             write_jsonl(test, out / "test.jsonl")
     return out / "train.jsonl", out / "test.jsonl"

@@ -64,6 +64,7 @@ def test_synthetic_pairs_are_disjoint_and_half_borrow_bugs():
     assert not {problem(r) for r in train} & {problem(r) for r in test}
     assert preference_splits(300, 100, seed=1)[1] == test  # test pairs do not depend on n_train
     assert sum(r["wrong"] == "borrow" for r in train) == 300
+    assert {r["wrong"] for r in train} == {"borrow", "random"}
     for row in train:
         a, op, b = row["prompt"][0]["content"][8:-1].split()
         a, b = int(a), int(b)
