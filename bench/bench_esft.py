@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from align.models.config import moe_layers
 from align.recipe import SFTRecipe, load_recipe
 from align.train import esft
 from align.train.lora import apply_lora, lora_config
@@ -69,7 +70,7 @@ def build(mode: str, recipe: SFTRecipe, accelerator, args):
         n = max(1, args.score_tokens // args.seq)
         task = RandomTask(random_rows(n, args.seq, model.config.vocab_size, 1), [args.seq] * n)
         sums, samples, tokens = esft.score_experts(model, task, args.score_tokens, 0, 1, accelerator, False)
-        choice = esft.choose(sums, esft.moe_layers(model), "token", args.top_p, samples, tokens)
+        choice = esft.choose(sums, moe_layers(model.config), "token", args.top_p, samples, tokens)
         extra["sliced"] = esft.freeze_for_esft(model, choice, False, False)
         chosen = choice.summary(model.config.n_routed_experts)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

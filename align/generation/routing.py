@@ -34,9 +34,6 @@ class RoutingRecorder:
         self.decoded = torch.full(shape, -1, dtype=self.dtype, device=device)
         self.prompts: dict[int, torch.Tensor] = {}  # prompt index -> [L - 1, moe_layers, k]
 
-    def shape_key(self) -> tuple[int, ...]:
-        return tuple(self.decoded.shape)
-
     def stacked(self, trace: RoutingTrace, tokens: int, device) -> torch.Tensor:
         """The trace's experts [moe_layers, tokens, k] in the compact dtype, -1 for layers it lacks."""
         missing = torch.full((tokens, self.k), -1, dtype=self.dtype, device=device)

@@ -177,6 +177,13 @@ class Experts(nn.Module):
         return routed_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 
+def expert_hits(experts: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """experts [T, k] -> [T, E]: how many of each token's k choices are expert e. A scatter-add, not
+    F.one_hot, which checks the ids' range on the host (two GPU syncs per call)."""
+    hits = torch.zeros(experts.shape[0], n_experts, dtype=dtype, device=experts.device)
+    return hits.scatter_add_(1, experts, torch.ones(experts.shape, dtype=dtype, device=experts.device))
+
+
 def balance_loss(
     scores: torch.Tensor, experts: torch.Tensor, batch: int, alpha: float, seq_aux: bool,
     token_mask: torch.Tensor | None = None,
@@ -189,8 +196,7 @@ def balance_loss(
     """
     n_experts, k = scores.shape[1], experts.shape[1]
     mask = scores.new_ones(scores.shape[0]) if token_mask is None else token_mask.reshape(-1).to(scores.dtype)
-    hits = scores.new_zeros(scores.shape).scatter_add_(1, experts, scores.new_ones(experts.shape))  # [B*S, E]
-    hits = hits * mask[:, None]  # (not F.one_hot: it checks the ids' range on the host, two syncs a layer)
+    hits = expert_hits(experts, n_experts, scores.dtype) * mask[:, None]  # [B*S, E]
     weighted = scores * mask[:, None]
     if seq_aux:
         hits, weighted, mask = (t.view(batch, -1, *t.shape[1:]) for t in (hits, weighted, mask))
@@ -224,7 +230,9 @@ class MoE(nn.Module):
         with_scores = want_aux or (trace is not None and trace.with_scores)
         routing = self.gate(flat, with_scores=with_scores, experts=forced)
         if trace is not None:
-            own = self.gate.choose(routing.scores.detach()) if trace.own_choice else None
+            own = None
+            if trace.own_choice:  # without replay the gate's choice is its own
+                own = routing.experts if forced is None else self.gate.choose(routing.scores.detach())
             trace.record(self.layer_idx, routing, own)
         out = self.experts(flat, routing.weights, routing.experts).view_as(x)
         if self.shared_experts is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from align.models.config import moe_layers
 from align.models.expert_slices import SlicedExperts, slice_experts
 from align.models.moe import RoutingTrace
 from align.train.metrics import progress_bar
@@ -113,10 +114,6 @@ def sample_weights(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return inverse, n
 
 
-def moe_layers(model: nn.Module) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if getattr(layer, "is_moe", False)]
-
-
 @torch.no_grad()
 def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], layers: list[int], sums: torch.Tensor) -> int:
     """Add one batch's token and gate score sums into sums [layers, 2, E]; returns its samples."""
@@ -137,7 +134,7 @@ def score_experts(model: nn.Module, task, sample_tokens: int, seed: int, batch_s
     """(score sums [layers, 2, E] float64, samples, tokens), all processes together."""
     rows = sample_rows(task.tokens, sample_tokens, seed)
     mine = rows[accelerator.process_index :: accelerator.num_processes]
-    layers, n_experts = moe_layers(model), model.config.n_routed_experts
+    layers, n_experts = moe_layers(model.config), model.config.n_routed_experts
     if not layers:
         raise ValueError("esft: the model has no MoE layer; ESFT trains routed experts")
     sums = torch.zeros(len(layers), 2, n_experts, dtype=torch.float64, device=accelerator.device)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from align.models.config import moe_layers
+from align.models.moe import expert_hits
 from align.train.rollout_batch import PolicyPass, RolloutBatch
 
 
@@ -55,7 +55,7 @@ class MoEMetrics:
         """[shared choices, engine choices] over the real positions the engine routed."""
         engine = engine.reshape(own.shape).long()
         routed = (engine[:, 0] >= 0) & real.bool()  # [T]
-        hits = F.one_hot(engine.clamp(min=0), self.n_experts).sum(1)  # [T, E]
+        hits = expert_hits(engine.clamp(min=0), self.n_experts)  # [T, E]
         shared = hits.gather(1, own).sum(-1)  # [T]: engine choices the gate also picks
         return torch.stack([(shared * routed).sum(), routed.sum() * engine.shape[1]]).float()
 

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from accelerate import Accelerator
 
+from align.models.config import moe_layers
 from align.recipe import RecipeBase
 from align.train import checkpointing as ckpt
 from align.train import esft
@@ -299,7 +300,7 @@ def esft_choice(recipe: RecipeBase, model, task, accelerator: Accelerator, resum
             raise ValueError("esft: the scoring pass needs the training rows (this loop does not pass them)")
         sums, samples, tokens = esft.score_experts(model, task, e.sample_tokens, recipe.train.seed,
                                                    recipe.eval.batch_size, accelerator, recipe.output.progress)
-        choice = esft.choose(sums, esft.moe_layers(model), e.score, e.top_p, samples, tokens)
+        choice = esft.choose(sums, moe_layers(model.config), e.score, e.top_p, samples, tokens)
     if accelerator.is_main_process:
         esft.write_choice(choice, path)
     accelerator.wait_for_everyone()
