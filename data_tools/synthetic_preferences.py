@@ -2,10 +2,14 @@
 
 Each row is TRL's explicit preference format plus two columns for analysis:
 {"prompt": [user], "chosen": [assistant: the right answer], "rejected": [assistant: a wrong one],
- "wrong": "borrow" | "random" | "near", "answer": "35"}. A share `borrow_share` of the pairs (default
-half) reject the flawed SFT teacher's bug on a subtraction that needs a borrow (52 - 17 -> "45"); the
-others, on problems that need no borrow, reject any other number up to the largest answer
-(`other_wrong: random`) or a near miss (`near`: the right answer +-1, +-2, +-10 or +-11, never negative).
+ "wrong": "borrow" | "random" | "near" | "sampled", "answer": "35"}. A share `borrow_share` of the pairs
+(default half) reject the flawed SFT teacher's bug on a subtraction that needs a borrow (52 - 17 -> "45");
+the others, on problems that need no borrow, reject any other number up to the largest answer
+(`other_wrong: random`), a near miss (`near`: the right answer +-1, +-2, +-10 or +-11, never negative), or
+a model's own likeliest mistake (`likeliest`: the caller passes `mistakes(problems) -> (wrong reply, its
+probability) per problem`, e.g. from the SFT model the reward model starts from; the problems are drawn
+without replacement in proportion to that probability, so the pairs are the near misses sampling from the
+model makes, where it makes them, as RL from it will).
 Test and train pairs never share a problem, and the test pairs are the same whatever `n_train`.
 
     python -m data_tools.synthetic_preferences --out data/prefs --train 3000 --test 400
@@ -14,15 +18,18 @@ Test and train pairs never share a problem, and the test pairs are the same what
 from __future__ import annotations
 
 import argparse
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from data_tools.jsonl import write_jsonl
 from data_tools.synthetic import OPS, Problem, needs_borrow, solve
 
 NEAR_MISSES = (1, -1, 2, -2, 10, -10, 11, -11)
-OTHER_WRONG = ("random", "near")
+OTHER_WRONG = ("random", "near", "likeliest")
+
+Mistakes = Callable[[list[Problem]], list[tuple[str, float]]]  # per problem: (a wrong reply, its probability)
 
 
 def all_problems(max_operand: int, ops: str) -> list[Problem]:
@@ -47,12 +54,12 @@ def _wrong(right: int, wrong: str, top: int, rng: random.Random) -> int:
     return bad if bad < right else bad + 1  # uniform over 0..top without the right answer
 
 
-def _pair(problem: Problem, wrong: str, rng: random.Random, top: int) -> dict:
+def _pair(problem: Problem, wrong: str, rng: random.Random, top: int, bad: str | None = None) -> dict:
     a, op, b = problem
     right = solve(a, op, b)
-    bad = _wrong(right, wrong, top, rng)
+    bad = str(_wrong(right, wrong, top, rng)) if bad is None else bad
     prompt = [{"role": "user", "content": f"What is {a} {op} {b}?"}]
-    return {"prompt": prompt, "chosen": [_reply(right)], "rejected": [_reply(bad)],
+    return {"prompt": prompt, "chosen": [_reply(right)], "rejected": [{"role": "assistant", "content": bad}],
             "wrong": wrong, "answer": str(right)}
 
 
@@ -62,14 +69,17 @@ def _split_counts(n: int, share: float) -> tuple[int, int]:
 
 
 def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int = 99, ops: str = "+-",
-                      borrow_share: float = 0.5, other_wrong: str = "random") -> tuple[list[dict], list[dict]]:
+                      borrow_share: float = 0.5, other_wrong: str = "random",
+                      mistakes: Mistakes | None = None) -> tuple[list[dict], list[dict]]:
     """(train, test) preference rows, one problem per pair, no problem in both splits (seeded). other_wrong:
     the wrong reply of the pairs that are not borrow bugs, 'random' (any other number up to the largest
-    answer) or 'near' (a near miss)."""
+    answer), 'near' (a near miss) or 'likeliest' (the reply `mistakes` gives, required then)."""
     if not 0.0 <= borrow_share <= 1.0:
         raise ValueError(f"borrow_share must be in [0, 1], got {borrow_share}")
     if other_wrong not in OTHER_WRONG:
         raise ValueError(f"other_wrong is {other_wrong!r}; expected one of {', '.join(OTHER_WRONG)}")
+    if other_wrong == "likeliest" and mistakes is None:
+        raise ValueError("other_wrong 'likeliest' needs `mistakes` (the model whose mistakes are rejected)")
     rng = random.Random(f"preferences:{seed}")
     problems = all_problems(max_operand, ops)
     rng.shuffle(problems)
@@ -82,11 +92,21 @@ def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int 
             f"0..{max_operand} with ops {ops!r} give {len(borrow)} borrowing subtractions and {len(near)} other "
             f"problems; lower train / test or raise max_operand")
     top = max(solve(*p) for p in problems)
-    test = ([_pair(p, "borrow", rng, top) for p in borrow[:test_b]]
-            + [_pair(p, other_wrong, rng, top) for p in near[:test_n]])
+    wrong = {}
+    if other_wrong == "likeliest":  # weighted draw without replacement (Efraimidis-Spirakis keys u^(1/p))
+        found = dict(zip(near, mistakes(near), strict=True))
+        draw = random.Random(f"likeliest:{seed}")
+        keys = {p: math.log(draw.random() or 1e-300) / max(found[p][1], 1e-12) for p in near}
+        near = sorted(near, key=keys.__getitem__, reverse=True)
+        wrong = {p: found[p][0] for p in near[: test_n + train_n]}
+
+    def others(part: list[Problem]) -> list[dict]:
+        return [_pair(p, other_wrong, rng, top, wrong.get(p)) for p in part]
+
+    test = [_pair(p, "borrow", rng, top) for p in borrow[:test_b]] + others(near[:test_n])
     rng.shuffle(test)  # before any train draw: the test pairs do not depend on n_train
     train = ([_pair(p, "borrow", rng, top) for p in borrow[test_b : test_b + train_b]]
-             + [_pair(p, other_wrong, rng, top) for p in near[test_n : test_n + train_n]])
+             + others(near[test_n : test_n + train_n]))
     rng.shuffle(train)
     return train, test
 

@@ -336,7 +336,9 @@ class PreferenceSyntheticSection:
     max_operand: int = ranged(99, AT_LEAST_1)
     ops: str = "+-"
     borrow_share: float = ranged(0.5, FRACTION)  # share of pairs whose rejected reply has the borrow bug
-    other_wrong: Literal["random", "near"] = "random"  # the other pairs' rejected reply: any number, or a near miss
+    # the other pairs' rejected reply: any number, a near miss, or the likeliest one-digit mistake of model.path (the
+    # SFT model the reward model starts from: the near misses RL from it samples; align.train.rm.likeliest_mistakes)
+    other_wrong: Literal["random", "near", "likeliest"] = "random"
 
 
 @dataclass

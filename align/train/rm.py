@@ -52,7 +52,67 @@ class PairData:
                 "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)}
 
 
-def synthetic_pair_files(recipe: RMRecipe, accelerator: Accelerator):
+def likeliest_mistakes(recipe: RMRecipe, tokenizer, batch_size: int = 512):
+    """For `other_wrong: likeliest`: problems -> (the wrong reply the causal LM at model.path finds likeliest among
+    the one-digit changes of the right answer, the probability of its wrong digit): one forward over each prompt +
+    right reply; at each answer digit, the wrong digit the model gives the most probability after the right
+    prefix, and of those the most probable (a leading zero is not a candidate). These are the near misses
+    sampling from that model makes; one forward per problem, where sampling them took minutes (README)."""
+    from align.models import DeepseekV2ForCausalLM
+    from align.models.sequence_classification import is_score_checkpoint
+    from data_tools.synthetic import solve
+
+    path = recipe.model.path
+    if path is None or is_score_checkpoint(path):
+        raise ValueError("data.synthetic.other_wrong 'likeliest' rejects the mistakes of the model the reward model "
+                         "starts from: model.path must be a causal-LM checkpoint (an SFT final/)")
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    if len(set(digits)) != 10 or tokenizer.unk_token_id in digits:
+        raise ValueError(f"other_wrong 'likeliest' needs one token per digit; the tokenizer of {path} has none")
+    digit_of = {t: d for d, t in enumerate(digits)}
+
+    def encode(problem) -> tuple[list[int], str]:
+        a, op, b = problem
+        right = str(solve(a, op, b))
+        chat = [{"role": "user", "content": f"What is {a} {op} {b}?"}, {"role": "assistant", "content": right}]
+        ids = tokenizer.apply_chat_template(chat, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        end = len(ids) - 1 if ids[-1] == tokenizer.eos_token_id else len(ids)
+        if [digit_of.get(t) for t in ids[end - len(right) : end]] != [int(c) for c in right]:
+            raise ValueError(f"other_wrong 'likeliest': the reply {right!r} does not end the rendered chat in digit "
+                             "tokens")
+        return ids, right
+
+    def mistakes(problems: list[tuple[int, str, int]]) -> list[tuple[str, float]]:
+        out = []
+        for start in range(0, len(problems), batch_size):
+            encoded = [encode(p) for p in problems[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in encoded)
+            ids = torch.full((len(encoded), width), tokenizer.eos_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, (seq, _) in enumerate(encoded):
+                ids[row, : len(seq)], mask[row, : len(seq)] = torch.as_tensor(seq), 1
+            with torch.inference_mode():
+                logp = model(input_ids=ids, attention_mask=mask).logits[..., digits].float().log_softmax(-1)
+            for row, (seq, right) in enumerate(encoded):
+                end = len(seq) - 1 if seq[-1] == tokenizer.eos_token_id else len(seq)
+                best = (-math.inf, right)
+                for k, char in enumerate(right):
+                    scores = logp[row, end - len(right) + k - 1].clone()  # predicts digit k from the right prefix
+                    scores[int(char)] = -math.inf
+                    if k == 0 and len(right) > 1:
+                        scores[0] = -math.inf
+                    d = int(scores.argmax())
+                    if scores[d] > best[0]:
+                        best = (scores[d].item(), right[:k] + str(d) + right[k + 1 :])
+                out.append((best[1], math.exp(best[0])))
+        return out
+
+    return mistakes
+
+
+def synthetic_pair_files(recipe: RMRecipe, tokenizer, accelerator: Accelerator):
     """<run_dir>/data/{train,test}.jsonl of the synthetic preference pairs (main process writes)."""
     from pathlib import Path
 
@@ -62,9 +122,10 @@ def synthetic_pair_files(recipe: RMRecipe, accelerator: Accelerator):
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
+            mistakes = likeliest_mistakes(recipe, tokenizer) if spec.other_wrong == "likeliest" else None
             train, test = preference_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand,
                                             ops=spec.ops, borrow_share=spec.borrow_share,
-                                            other_wrong=spec.other_wrong)
+                                            other_wrong=spec.other_wrong, mistakes=mistakes)
             write_jsonl(train, out / "train.jsonl")
             write_jsonl(test, out / "test.jsonl")
     return out / "train.jsonl", out / "test.jsonl"
@@ -77,7 +138,7 @@ def prepare_pairs(recipe: RMRecipe, tokenizer, accelerator: Accelerator, say) ->
 
     d = recipe.data
     if d.synthetic is not None:
-        train_path, eval_path = synthetic_pair_files(recipe, accelerator)
+        train_path, eval_path = synthetic_pair_files(recipe, tokenizer, accelerator)
         rows = load_rows(train_path), load_rows(eval_path), str(train_path), str(eval_path)
     else:
         rows = run.file_rows(d, recipe.train.seed)

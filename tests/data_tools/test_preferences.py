@@ -72,3 +72,17 @@ def test_synthetic_pairs_are_disjoint_and_half_borrow_bugs():
         assert row["rejected"][0]["content"] != row["answer"] and int(row["rejected"][0]["content"]) >= 0
         if row["wrong"] == "borrow":
             assert needs_borrow(a, op, b) and int(row["rejected"][0]["content"]) == solve(a, op, b) + 10
+
+
+def test_likeliest_pairs_reject_the_given_mistakes():
+    def off_by_one(problems):
+        return [(str(solve(*p) + 1), 0.5) for p in problems]
+
+    train, test = preference_splits(600, 100, seed=1, other_wrong="likeliest", mistakes=off_by_one)
+    assert preference_splits(300, 100, seed=1, other_wrong="likeliest", mistakes=off_by_one)[1] == test
+    assert {r["wrong"] for r in train} == {"borrow", "likeliest"}
+    for row in train + test:
+        if row["wrong"] == "likeliest":
+            assert row["rejected"][0]["content"] == str(int(row["answer"]) + 1)
+    with pytest.raises(ValueError, match="needs `mistakes`"):
+        preference_splits(600, 100, seed=1, other_wrong="likeliest")

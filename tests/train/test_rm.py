@@ -87,3 +87,21 @@ def test_lora_resume_restores_the_score_head(tmp_path):
     run_rm(recipe(b, *lora, f"resume_from={a / 'checkpoints' / 'step-000003'}"))
     for step in (4, 5, 6):
         assert losses(b)[step] == pytest.approx(losses(a)[step], rel=1e-6, abs=1e-7), step
+
+
+def test_likeliest_mistakes_are_one_digit_changes_of_the_right_answer(tmp_path):
+    from align.models import build_model
+    from align.train.rm import likeliest_mistakes
+    from data_tools.synthetic import solve
+    from data_tools.tokenizer import load_tokenizer
+
+    build_model("tiny", num_hidden_layers=2, seed=0).save_pretrained(tmp_path / "lm")
+    problems = [(52, "-", 17), (8, "+", 9), (99, "+", 99), (3, "-", 3)]
+    lm = recipe(tmp_path / "run", "model.preset=null", "model.config={}", f"model.path={tmp_path / 'lm'}")
+    mistakes = likeliest_mistakes(lm, load_tokenizer("tiny"))
+    for (a, op, b), (wrong, p) in zip(problems, mistakes(problems), strict=True):
+        right = str(solve(a, op, b))
+        assert wrong != right and len(wrong) == len(right) and (wrong[0] != "0" or len(wrong) == 1) and 0 < p < 1
+        assert sum(x != y for x, y in zip(wrong, right, strict=True)) == 1
+    with pytest.raises(ValueError, match="model.path must be a causal-LM checkpoint"):
+        likeliest_mistakes(recipe(tmp_path / "run"), load_tokenizer("tiny"))
