@@ -9,7 +9,7 @@ the others, on problems that need no borrow, reject any other number up to the l
 a model's own likeliest mistake (`likeliest`: the caller passes `mistakes(problems) -> (wrong reply, its
 probability) per problem`, e.g. from the SFT model the reward model starts from; the problems are drawn
 without replacement in proportion to that probability, so the pairs are the near misses sampling from the
-model makes, where it makes them, as RL from it will).
+model makes, where it makes them, as RL from it will), or `mixed`: alternately likeliest and random.
 Test and train pairs never share a problem, and the test pairs are the same whatever `n_train`.
 
     python -m data_tools.synthetic_preferences --out data/prefs --train 3000 --test 400
@@ -27,7 +27,7 @@ from data_tools.jsonl import write_jsonl
 from data_tools.synthetic import OPS, Problem, needs_borrow, solve
 
 NEAR_MISSES = (1, -1, 2, -2, 10, -10, 11, -11)
-OTHER_WRONG = ("random", "near", "likeliest")
+OTHER_WRONG = ("random", "near", "likeliest", "mixed")
 
 Mistakes = Callable[[list[Problem]], list[tuple[str, float]]]  # per problem: (a wrong reply, its probability)
 
@@ -73,12 +73,13 @@ def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int 
                       mistakes: Mistakes | None = None) -> tuple[list[dict], list[dict]]:
     """(train, test) preference rows, one problem per pair, no problem in both splits (seeded). other_wrong:
     the wrong reply of the pairs that are not borrow bugs, 'random' (any other number up to the largest
-    answer), 'near' (a near miss) or 'likeliest' (the reply `mistakes` gives, required then)."""
+    answer), 'near' (a near miss), 'likeliest' (the reply `mistakes` gives, required then) or 'mixed' (every
+    other pair 'likeliest', the rest 'random', on the problems 'likeliest' draws)."""
     if not 0.0 <= borrow_share <= 1.0:
         raise ValueError(f"borrow_share must be in [0, 1], got {borrow_share}")
     if other_wrong not in OTHER_WRONG:
         raise ValueError(f"other_wrong is {other_wrong!r}; expected one of {', '.join(OTHER_WRONG)}")
-    if other_wrong == "likeliest" and mistakes is None:
+    if other_wrong in ("likeliest", "mixed") and mistakes is None:
         raise ValueError("other_wrong 'likeliest' needs `mistakes` (the model whose mistakes are rejected)")
     rng = random.Random(f"preferences:{seed}")
     problems = all_problems(max_operand, ops)
@@ -93,7 +94,7 @@ def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int 
             f"problems; lower train / test or raise max_operand")
     top = max(solve(*p) for p in problems)
     wrong = {}
-    if other_wrong == "likeliest":  # weighted draw without replacement (Efraimidis-Spirakis keys u^(1/p))
+    if other_wrong in ("likeliest", "mixed"):  # weighted draw without replacement (Efraimidis-Spirakis keys u^(1/p))
         found = dict(zip(near, mistakes(near), strict=True))
         draw = random.Random(f"likeliest:{seed}")
         keys = {p: math.log(draw.random() or 1e-300) / max(found[p][1], 1e-12) for p in near}
@@ -101,7 +102,10 @@ def preference_splits(n_train: int, n_test: int, seed: int, *, max_operand: int 
         wrong = {p: found[p][0] for p in near[: test_n + train_n]}
 
     def others(part: list[Problem]) -> list[dict]:
-        return [_pair(p, other_wrong, rng, top, wrong.get(p)) for p in part]
+        if other_wrong != "mixed":
+            return [_pair(p, other_wrong, rng, top, wrong.get(p)) for p in part]
+        return [_pair(p, "likeliest", rng, top, wrong[p]) if i % 2 == 0 else _pair(p, "random", rng, top)
+                for i, p in enumerate(part)]
 
     test = [_pair(p, "borrow", rng, top) for p in borrow[:test_b]] + others(near[:test_n])
     rng.shuffle(test)  # before any train draw: the test pairs do not depend on n_train

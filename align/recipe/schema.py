@@ -338,7 +338,7 @@ class PreferenceSyntheticSection:
     borrow_share: float = ranged(0.5, FRACTION)  # share of pairs whose rejected reply has the borrow bug
     # the other pairs' rejected reply: any number, a near miss, or the likeliest one-digit mistake of model.path (the
     # SFT model the reward model starts from: the near misses RL from it samples; align.train.rm.likeliest_mistakes)
-    other_wrong: Literal["random", "near", "likeliest"] = "random"
+    other_wrong: Literal["random", "near", "likeliest", "mixed"] = "random"  # mixed: likeliest and random alternately
 
 
 @dataclass

@@ -122,7 +122,7 @@ def synthetic_pair_files(recipe: RMRecipe, tokenizer, accelerator: Accelerator):
     spec, out = recipe.data.synthetic, Path(recipe.output.run_dir) / "data"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            mistakes = likeliest_mistakes(recipe, tokenizer) if spec.other_wrong == "likeliest" else None
+            mistakes = likeliest_mistakes(recipe, tokenizer) if spec.other_wrong in ("likeliest", "mixed") else None
             train, test = preference_splits(spec.train, spec.test, spec.seed, max_operand=spec.max_operand,
                                             ops=spec.ops, borrow_share=spec.borrow_share,
                                             other_wrong=spec.other_wrong, mistakes=mistakes)
