@@ -188,7 +188,7 @@ def train_step(setup: Setup, batches: Sequence[dict], n_pairs: int, recipe: RMRe
 
 @torch.no_grad()
 def evaluate(setup: Setup, data: PairData, recipe: RMRecipe) -> tuple[dict, list[float]]:
-    """(eval/ pair metrics over every eval pair of all processes, this process's r_c - r_r per eval pair)."""
+    """(eval/ pair metrics over every eval pair of all processes, r_c - r_r of every eval pair in order)."""
     if not data.eval:
         return {}, []
     accelerator, model = setup.accelerator, setup.unwrapped
@@ -205,7 +205,12 @@ def evaluate(setup: Setup, data: PairData, recipe: RMRecipe) -> tuple[dict, list
         sums += pair_sums(pair_losses(chosen, rejected, None, None), chosen, rejected)
         gaps += (chosen - rejected).float().tolist()
     model.train(was_training)
-    sums = accelerator.reduce(sums, reduction="sum") if accelerator.num_processes > 1 else sums
+    world = accelerator.num_processes
+    if world > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+        mine_gaps = torch.tensor(gaps + [0.0] * (len(mine) - real), device=accelerator.device)
+        every = accelerator.gather(mine_gaps).reshape(world, len(mine)).T.reshape(-1)  # rank r's j-th: j * world + r
+        gaps = every[: len(data.eval)].tolist()
     return pair_metrics(sums, len(data.eval), "eval"), gaps
 
 
@@ -292,7 +297,7 @@ def train_loop(loop: Loop) -> dict:
 def finish(loop: Loop) -> dict:
     """Final eval (with a per-kind accuracy when the eval rows have a `wrong` column), the final checkpoint."""
     metrics, gaps = evaluate(loop.setup, loop.data, loop.recipe)
-    metrics.update(kind_accuracy(loop.data, gaps) if loop.setup.accelerator.num_processes == 1 else {})
+    metrics.update(kind_accuracy(loop.data, gaps))
     loop.log(loop.steps, metrics)
     for key in sorted(metrics):
         loop.say(f"{key}: {metrics[key]:.4f}")

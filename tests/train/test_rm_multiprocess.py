@@ -39,6 +39,6 @@ def test_two_processes_match_one(tmp_path, mode, overrides):
     two, one = curve(tmp_path / "two"), curve(tmp_path / "one")
     assert sorted(two) == [1, 2, 3, 4]
     assert two == pytest.approx(one, rel=RTOL)
-    for key in ("eval/loss", "eval/accuracy", "eval/margin"):
+    for key in ("eval/loss", "eval/accuracy", "eval/margin", "eval/accuracy/borrow", "eval/accuracy/random"):
         assert curve(tmp_path / "two", key) == pytest.approx(curve(tmp_path / "one", key), rel=RTOL, abs=1e-6), key
     assert (tmp_path / "two" / "final" / "config.json").is_file()
