@@ -2,7 +2,7 @@
 
 Each row is TRL's explicit preference format plus two columns for analysis:
 {"prompt": [user], "chosen": [assistant: the right answer], "rejected": [assistant: a wrong one],
- "wrong": "borrow" | "random" | "near" | "sampled", "answer": "35"}. A share `borrow_share` of the pairs
+ "wrong": "borrow" | "random" | "near" | "likeliest", "answer": "35"}. A share `borrow_share` of the pairs
 (default half) reject the flawed SFT teacher's bug on a subtraction that needs a borrow (52 - 17 -> "45");
 the others, on problems that need no borrow, reject any other number up to the largest answer
 (`other_wrong: random`), a near miss (`near`: the right answer +-1, +-2, +-10 or +-11, never negative), or
@@ -125,7 +125,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-operand", type=int, default=99)
     parser.add_argument("--ops", default="+-")
     parser.add_argument("--borrow-share", type=float, default=0.5, help="share of pairs rejecting the borrow bug")
-    parser.add_argument("--other-wrong", default="random", choices=OTHER_WRONG, help="the other pairs' wrong reply")
+    parser.add_argument("--other-wrong", default="random", choices=OTHER_WRONG[:2],
+                        help="the other pairs' wrong reply (likeliest / mixed need a model: `align rm`)")
     return parser.parse_args(argv)
 
 
