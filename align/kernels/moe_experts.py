@@ -31,33 +31,38 @@ import torch
 import torch.nn.functional as F
 
 from align.kernels.dispatch import kernel_path, pow2_block, require_contiguous_last_dim
-from align.kernels.grouped_mm import grouped_linear
+from align.kernels.grouped_mm import LowRank, grouped_linear
 from align.kernels.moe_route import SORT_MAX_SLOTS
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
 
+ExpertUpdates = dict[str, tuple[LowRank, ...]]  # "gate_up_proj" / "down_proj" -> low-rank updates (LoRA)
+
 
 def routed_experts(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
+    down_proj: torch.Tensor, updates: ExpertUpdates | None = None,
 ) -> torch.Tensor:
-    """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype."""
+    """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype.
+
+    updates: low-rank updates of the stacked weights (split LoRA), applied beside the frozen products."""
     n_experts = gate_up_proj.shape[0]
     fused = experts.numel() <= SORT_MAX_SLOTS and kernel_path(x, weights, gate_up_proj, down_proj)
     sort = _sort_by_expert_triton if fused else sort_by_expert_reference
     source, position, ends = sort(experts, n_experts)
-    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj)  # [T*k, H], sorted by expert
+    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj, updates or {})  # [T*k, H], sorted by expert
     return (_combine_triton if fused else combine_reference)(out, position, weights).to(x.dtype)
 
 
 def _expert_mlp(
-    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    updates: ExpertUpdates,
 ) -> torch.Tensor:
     """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype: the MLP of the sorted rows."""
-    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS
+    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS and not any(updates.values())
     if same and kernel_path(x, gate_up_proj, down_proj, half=True):
         return _expert_mlp_triton(x, source, ends, gate_up_proj, down_proj)
-    return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj)
+    return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj, updates)
 
 
 # ----------------------------------------------------------------------------- references
@@ -73,11 +78,14 @@ def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[tor
 
 
 def expert_mlp_reference(
-    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    updates: ExpertUpdates | None = None,
 ) -> torch.Tensor:
     """As _expert_mlp, through grouped_linear (training, prefill, and wherever the kernel does not run)."""
-    gate, up = grouped_linear(x[source], gate_up_proj, ends).chunk(2, dim=-1)  # [N, I] each
-    return grouped_linear(F.silu(gate) * up, down_proj, ends)
+    updates = updates or {}
+    gate_up = grouped_linear(x[source], gate_up_proj, ends, updates.get("gate_up_proj", ()))  # [N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return grouped_linear(F.silu(gate) * up, down_proj, ends, updates.get("down_proj", ()))
 
 
 def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
