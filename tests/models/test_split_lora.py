@@ -9,6 +9,8 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
+from align.kernels.grouped_mm import LowRank
+from align.kernels.moe_experts import routed_experts
 from align.models import build_model
 from align.models.split_lora import SplitExperts, SplitLinear, split_adapters
 from align.train.lora import apply_lora, lora_config
@@ -88,15 +90,37 @@ def test_only_align_models_are_converted():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped GEMM path of the low-rank products needs CUDA")
-def test_split_bf16_on_gpu_tracks_float64():
-    """bf16 on the GPU (torch._grouped_mm for the low-rank products) against the float64 CPU reference."""
-    reference, split = pair(routed_experts=True, r=8)  # rank 8: the grouped GEMM's aligned dims
-    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(2))
-    want_logits, want_grads = loss_and_grads(reference.train(), ids)
-    split = split.to("cuda", torch.bfloat16).train()
-    got_logits, got_grads = loss_and_grads(split, ids.cuda())
-    scale = want_logits.abs().max()
-    assert (got_logits.double().cpu() - want_logits).abs().max() < 0.03 * scale
-    for name, grad in want_grads.items():
-        got = got_grads[name].double().cpu()
-        assert torch.linalg.norm(got - grad) < 0.05 * torch.linalg.norm(grad), name
+def test_low_rank_expert_updates_bf16_on_gpu():
+    """routed_experts with low-rank updates in bf16 on the GPU (torch._grouped_mm for the rank-r
+    products), fixed routing, against W + scaling * B @ A materialised in float64 on the CPU."""
+    gen = torch.Generator().manual_seed(4)
+    tokens, hidden, inter, n_experts, k, r = 96, 64, 48, 8, 3, 8
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    experts = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen, dtype=torch.float64)
+    gate_up = torch.randn(n_experts, 2 * inter, hidden, generator=gen, dtype=torch.float64) / hidden**0.5
+    down = torch.randn(n_experts, hidden, inter, generator=gen, dtype=torch.float64) / inter**0.5
+    factors = {name: (torch.randn(n_experts, r, w.shape[2], generator=gen, dtype=torch.float64) / w.shape[2]**0.5,
+                      torch.randn(n_experts, w.shape[1], r, generator=gen, dtype=torch.float64) / r**0.5)
+               for name, w in (("gate_up_proj", gate_up), ("down_proj", down))}
+
+    def run(device, dtype, materialise):
+        leaves = {n: tuple(t.to(device, dtype).detach().clone().requires_grad_() for t in ab)
+                  for n, ab in factors.items()}
+        base = {"gate_up_proj": gate_up.to(device, dtype), "down_proj": down.to(device, dtype)}
+        if materialise:
+            stacks = {n: base[n] + 0.5 * leaves[n][1] @ leaves[n][0] for n in base}
+            out = routed_experts(x.to(device, dtype), weights.to(device), experts.to(device), **stacks)
+        else:
+            updates = {n: (LowRank(*leaves[n], 0.5),) for n in base}
+            out = routed_experts(x.to(device, dtype), weights.to(device, torch.float32), experts.to(device),
+                                 base["gate_up_proj"], base["down_proj"], updates)
+        out.double().pow(2).mean().backward()
+        return out.detach().double().cpu(), {n: [t.grad.double().cpu() for t in ab] for n, ab in leaves.items()}
+
+    want, want_grads = run("cpu", torch.float64, materialise=True)
+    got, got_grads = run("cuda", torch.bfloat16, materialise=False)
+    assert torch.linalg.norm(got - want) < 0.02 * torch.linalg.norm(want)
+    for name, grads in want_grads.items():
+        for ours, ref in zip(got_grads[name], grads, strict=True):
+            assert torch.linalg.norm(ours - ref) < 0.05 * torch.linalg.norm(ref), name
