@@ -14,12 +14,14 @@ reads the finished flags once, collects finished rows and refills their slots fr
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from align.generation.cache import CacheError, LatentCache
+from align.generation.fold import DecodeWeights
 from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
@@ -72,12 +74,16 @@ class GenerationEngine:
     (default: on where the MoE step is sync-free, i.e. bf16 on Hopper). attend_bucket: the attention
     length a graph covers is rounded up to a multiple of this, so graphs are few while attention
     reads about as many rows as are live. compile: torch.compile the decode step (then captured).
+    fold: run live LoRA adapters as folded weights W + ΔW, computed once per call (align/generation/
+    fold.py; default: on CUDA, where it removes the adapters' per-step cost; off on CPU, where the
+    default keeps the unfolded numerics); fold_experts: fold routed-expert adapters too (a copy of the
+    stacked experts, made only when the device has room for it).
     """
 
     def __init__(
         self, model: nn.Module, *, max_batch: int = 256, max_len: int | None = None, refill_every: int = 8,
         prefill_tokens: int = 4096, cuda_graphs: bool | None = None, attend_bucket: int = 128,
-        compile: bool = False,
+        compile: bool = False, fold: bool | None = None, fold_experts: bool = True,
     ):
         for name, value in (("max_batch", max_batch), ("refill_every", refill_every),
                             ("prefill_tokens", prefill_tokens), ("attend_bucket", attend_bucket)):
@@ -103,6 +109,8 @@ class GenerationEngine:
         self.graphs: GraphRunner | None = None
         self.recorder: RoutingRecorder | None = None  # routing buffers, allocated by a call that records
         self.recording = False
+        self.fold = self.device.type == "cuda" if fold is None else bool(fold)
+        self.folded = DecodeWeights(experts=fold_experts)  # decode-side W + ΔW buffers, kept between calls
 
     # ----------------------------------------------------------------------------- public
     def generate(
@@ -117,19 +125,30 @@ class GenerationEngine:
             temperature=temperature, top_p=top_p, top_k=top_k, n=n, eos_token_id=eos_token_id,
             stop_token_ids=stop_token_ids, seed=seed,
         )
-        self._prepare(request, record_routing)
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
-        try:
-            with torch.no_grad():
-                return _Run(self, request).loop()
-        finally:
-            for module, training in modes:
-                module.training = training
+        with self._adapters_folded():  # before _prepare: the graphs' signature sees the folded weights
+            self._prepare(request, record_routing)
+            modes = [(module, module.training) for module in self.model.modules()]
+            self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
+            try:
+                with torch.no_grad():
+                    return _Run(self, request).loop()
+            finally:
+                for module, training in modes:
+                    module.training = training
+
+    @contextmanager
+    def _adapters_folded(self):
+        """Live LoRA adapters as folded weights for this call (align/generation/fold.py), when on."""
+        if not self.fold:
+            yield
+            return
+        with self.folded.applied(self.model):
+            yield
 
     def release(self) -> None:
         """Free the cache, decode buffers and graphs (e.g. before a training step)."""
         self.cache = self.state = self.graphs = self.recorder = None
+        self.folded.clear()
 
     def cache_bytes_per_token(self) -> int:
         config = self.lm.config
