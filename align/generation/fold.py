@@ -65,14 +65,14 @@ def _targets(model: nn.Module) -> list[_Target]:
     linear, wrapper = classes
     found = []
     for module in model.modules():
-        if type(module) not in (linear, wrapper) or module.disable_adapters or module.merged:
+        if not isinstance(module, (linear, wrapper)) or module.disable_adapters or module.merged:
             continue
         adapters = _active(module)
         if not adapters:
             continue
         if any(a in getattr(module, "lora_variant", {}) or module.lora_bias.get(a, False) for a in adapters):
             continue  # DoRA and other variants, adapter biases: left to the layer's own forward
-        name = module.parameter_name if type(module) is wrapper else "weight"
+        name = module.parameter_name if isinstance(module, wrapper) else "weight"
         found.append(_Target(module, module.get_base_layer(), name, adapters))
     return found
 
