@@ -70,8 +70,10 @@ def _targets(model: nn.Module) -> list[_Target]:
         adapters = _active(module)
         if not adapters:
             continue
-        if any(a in getattr(module, "lora_variant", {}) or module.lora_bias.get(a, False) for a in adapters):
-            continue  # DoRA and other variants, adapter biases: left to the layer's own forward
+        if getattr(module, "fan_in_fan_out", False) or any(
+            a in getattr(module, "lora_variant", {}) or module.lora_bias.get(a, False) for a in adapters
+        ):
+            continue  # DoRA and other variants, adapter biases, transposed weights: the layer's own forward
         name = module.parameter_name if isinstance(module, wrapper) else "weight"
         found.append(_Target(module, module.get_base_layer(), name, adapters))
     return found

@@ -196,3 +196,10 @@ def test_folded_graphs_survive_optimizer_step(routed_experts):
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float().cpu()  # the training path's
         expected = logits.log_softmax(-1).gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
         assert (torch.tensor(completion.logprobs) - expected).abs().max() < 0.05
+
+
+def test_lora_variants_stay_live_under_fold():
+    model = peft_model(seed=13, target_modules=["kv_b_proj", "o_proj"], use_dora=True)
+    engine = GenerationEngine(model, max_batch=4, fold=True)
+    check_greedy(model, engine.generate(PROMPTS, max_new_tokens=5, temperature=0))
+    assert engine.folded.nbytes() == 0  # DoRA: nothing folded, the layers ran as themselves
