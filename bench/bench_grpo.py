@@ -13,8 +13,10 @@ i.e. grpo.max_completion_length; a row reaching it stops by length), mean (1 - (
 for --mean-len (default 0.6 x cap, as the V2-Lite recipe's ~600 of 1024). The timed variable step is then
 compared with a fixed-length step at the same batch, the same prompts and the observed mean length rounded
 (same head with EOS masked): tokens/s of generation, and variable / fixed (issue 19's target: >= 0.8).
-The update trains on the same lm_head.weight (the fused log-prob kernel reads it directly). --rollout-batch:
-decode slots (grpo.rollout_batch; default all prompts x G completions at once).
+The update trains on the same lm_head.weight (the fused log-prob kernel reads it directly), so in this mode
+policy/logprob_mismatch compares two different heads and means nothing. --rollout-batch: decode slots
+(grpo.rollout_batch; default all prompts x G completions at once). --fold / --compact on|off: the engine's
+issue-19 options (default: the engine's, on on CUDA), to measure before and after in separate runs.
 
 One step = --prompts prompts of --prompt-len random tokens x --generations completions of exactly
 --completion-len tokens (no EOS can end them), sampled at temperature 1; a trivial reward (fraction of even
@@ -256,9 +258,9 @@ def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
     head = lm.lm_head
     if variable:
         lm.lm_head = HazardHead(head, config.eos_token_id, args.hazard)
-    engine = GenerationEngine(setup.model, max_batch=args.rollout_batch)
+    engine = GenerationEngine(setup.model, max_batch=args.rollout_batch, **args.engine_options)
     out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs, "fold": engine.fold,
-           "rollout_batch": args.rollout_batch, "routing_replay": {}}
+           "compact": engine.compact, "rollout_batch": args.rollout_batch, "routing_replay": {}}
     for replay in args.routing_replay:
         for name, seed in (("warmup", 1), ("timed", 2)):
             step = align_step(setup, engine, tokenizer, prompt_ids, args, seed, replay, eos=variable)
@@ -473,7 +475,12 @@ def parse_args() -> argparse.Namespace:
                         help="variable: target mean completion length (default 0.6 x --completion-len)")
     parser.add_argument("--rollout-batch", type=int, default=None,
                         help="decode slots, grpo.rollout_batch (default prompts x G)")
+    for name in ("fold", "compact"):
+        parser.add_argument(f"--{name}", choices=("auto", "on", "off"), default="auto",
+                            help=f"the engine's {name} option (auto: its default, on on CUDA): before / after issue 19")
     args = parser.parse_args()
+    args.engine_options = {name: getattr(args, name) == "on" for name in ("fold", "compact")
+                           if getattr(args, name) != "auto"}
     if args.smoke:
         args.preset, args.dtype, args.device = "tiny", torch.float32, torch.device("cpu")
         torch.set_num_threads(1)  # measured: 2 intra-op threads on a busy 2-core box made TRL's generate ~100x slower
@@ -518,7 +525,7 @@ def header(args) -> dict:
         "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
         "baseline_experts": BASELINE_EXPERTS,
         "routing_replay": args.routing_replay, "lengths": args.lengths, "rollout_batch": args.rollout_batch,
-        "eos_hazard": args.hazard,
+        "eos_hazard": args.hazard, "engine_options": args.engine_options,
     }
 
 
