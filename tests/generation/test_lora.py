@@ -203,3 +203,19 @@ def test_lora_variants_stay_live_under_fold():
     engine = GenerationEngine(model, max_batch=4, fold=True)
     check_greedy(model, engine.generate(PROMPTS, max_new_tokens=5, temperature=0))
     assert engine.folded.nbytes() == 0  # DoRA: nothing folded, the layers ran as themselves
+
+
+def test_fold_defaults_and_expert_copy_declined_without_room(monkeypatch):
+    import align.generation.fold as fold
+
+    model = product_lora(14, routed_experts=True)
+    engine = GenerationEngine(model, max_batch=4)
+    assert not engine.fold and not engine.compact  # CPU defaults: the unfolded numerics
+    engine.generate(PROMPTS, max_new_tokens=3, temperature=0)
+    assert engine.folded.nbytes() == 0
+    monkeypatch.setattr(fold, "_room_for", lambda nbytes, device: False)
+    engine = GenerationEngine(model, max_batch=4, fold=True)
+    with pytest.warns(UserWarning, match="routed-expert LoRA"):
+        results = engine.generate(PROMPTS, max_new_tokens=5, temperature=0)
+    assert engine.folded.nbytes() > 0 and all(b.dim() == 2 for b in engine.folded.buffers.values())
+    check_greedy(model, results)  # the experts' adapters ran live
