@@ -177,7 +177,8 @@ def test_fold_refreshes_after_optimizer_step_and_frees_when_disabled():
 @pytest.mark.parametrize("routed_experts", [False, True])
 def test_folded_graphs_survive_optimizer_step(routed_experts):
     """On CUDA folding is the default; graphs captured over the folded buffers are replayed after an
-    optimizer step (buffers rewritten in place) and still agree with the training forward."""
+    optimizer step (buffers rewritten in place) and the log-probs still agree with the training forward
+    as closely as the unfolded engine's do (bf16)."""
     model = product_lora(12, routed_experts).to("cuda", torch.bfloat16)
     engine = GenerationEngine(model, max_batch=4, attend_bucket=16)
     assert engine.fold
@@ -188,14 +189,24 @@ def test_folded_graphs_survive_optimizer_step(routed_experts):
             if "lora_B" in name:
                 param.mul_(-1.0)
     after = engine.generate(PROMPTS, max_new_tokens=12, temperature=0)
-    assert engine.graphs is graphs  # same signature: no recapture
+    if engine.use_graphs:
+        assert engine.graphs is graphs and graphs.graphs  # same signature: replayed, not recaptured
     assert any(b.dim() == 3 for b in engine.folded.buffers.values()) == routed_experts
-    for prompt, [completion] in zip(PROMPTS, after, strict=True):
+    live = GenerationEngine(model, max_batch=4, attend_bucket=16, fold=False).generate(
+        PROMPTS, max_new_tokens=12, temperature=0)
+    assert training_path_error(model, after) <= max(0.05, 2 * training_path_error(model, live))
+
+
+def training_path_error(model, results) -> float:
+    """Largest |engine log-prob - training forward's| over the completions (CUDA)."""
+    worst = 0.0
+    for prompt, [completion] in zip(PROMPTS, results, strict=True):
         ids = torch.tensor([prompt + completion.token_ids], device="cuda")
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float().cpu()  # the training path's
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float().cpu()
         expected = logits.log_softmax(-1).gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
-        assert (torch.tensor(completion.logprobs) - expected).abs().max() < 0.05
+        worst = max(worst, (torch.tensor(completion.logprobs) - expected).abs().max().item())
+    return worst
 
 
 def test_lora_variants_stay_live_under_fold():
