@@ -186,7 +186,7 @@ def build_align(args):
     weights (for the TRL twin)."""
     model = build_model(args.preset, dtype=args.dtype, device_map=str(args.device), seed=0)
     base_state = dict(model.state_dict())  # the base tensors themselves (detached views, no copy)
-    model = apply_lora(model, lora_config(model, r=16, alpha=32.0))
+    model = apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=args.routed_experts))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, lr=LR)
@@ -427,7 +427,7 @@ def bench_trl(args, base: dict, tokenizer, texts: list[str]) -> dict:
     from rewards.registry import WeightedReward
 
     policy = transformers_policy(base.pop("config"), base.pop("state"), args.device)
-    model = apply_lora(policy, lora_config(policy, r=16, alpha=32.0))
+    model = apply_lora(policy, lora_config(policy, r=16, alpha=32.0, routed_experts=args.routed_experts))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clock = make_clock(args.device)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -475,6 +475,8 @@ def parse_args() -> argparse.Namespace:
                         help="variable: target mean completion length (default 0.6 x --completion-len)")
     parser.add_argument("--rollout-batch", type=int, default=None,
                         help="decode slots, grpo.rollout_batch (default prompts x G)")
+    parser.add_argument("--routed-experts", action="store_true",
+                        help="LoRA on the routed experts too (lora.routed_experts)")
     for name in ("fold", "compact"):
         parser.add_argument(f"--{name}", choices=("auto", "on", "off"), default="auto",
                             help=f"the engine's {name} option (auto: its default, on on CUDA): before / after issue 19")
@@ -522,7 +524,8 @@ def header(args) -> dict:
         "preset": args.preset, "dtype": str(args.dtype),
         "prompts": args.prompts, "generations": args.generations, "prompt_len": args.prompt_len,
         "completion_len": args.completion_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
+        "gradient_checkpointing": args.grad_ckpt,
+        "lora": {"r": 16, "alpha": 32, "routed_experts": args.routed_experts}, "beta": 0.0, "loss_type": "dapo",
         "baseline_experts": BASELINE_EXPERTS,
         "routing_replay": args.routing_replay, "lengths": args.lengths, "rollout_batch": args.rollout_batch,
         "eos_hazard": args.hazard, "engine_options": args.engine_options,
