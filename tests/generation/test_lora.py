@@ -103,10 +103,10 @@ def test_effective_weight_forms():
 def product_lora(seed: int, routed_experts: bool = False):
     """The product's adapters (align.train.lora: attention, dense MLP, shared and optionally routed
     experts) on the tiny model, with nonzero B so they matter."""
-    from align.train.lora import lora_config
+    from align.train.lora import apply_lora, lora_config
 
     model = build_model("tiny", seed=seed).eval()
-    wrapped = get_peft_model(model, lora_config(model, r=4, alpha=8, routed_experts=routed_experts))
+    wrapped = apply_lora(model, lora_config(model, r=4, alpha=8, routed_experts=routed_experts))  # split LoRA
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
@@ -122,9 +122,9 @@ def test_folded_weights_equal_peft_delta(routed_experts):
     from align.generation.fold import DecodeWeights
 
     model = product_lora(9, routed_experts)
-    layers = [m for m in model.modules() if type(m) in (Linear, ParamWrapper)]
-    kinds = {(type(m).__name__, m.get_base_layer()._parameters[getattr(m, "parameter_name", "weight")].dim())
-             for m in layers}
+    layers = [m for m in model.modules() if isinstance(m, Linear | ParamWrapper)]
+    kinds = {("ParamWrapper" if isinstance(m, ParamWrapper) else "Linear",
+              m.get_base_layer()._parameters[getattr(m, "parameter_name", "weight")].dim()) for m in layers}
     assert ("ParamWrapper", 3) in kinds if routed_experts else kinds == {("Linear", 2), ("ParamWrapper", 2)}
     params = {id(p) for p in model.parameters()}
     names = [getattr(m, "parameter_name", "weight") for m in layers]
