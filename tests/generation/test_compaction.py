@@ -73,8 +73,9 @@ def test_sampled_groups_complete_and_seeded(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compaction_under_cuda_graphs():
-    """On CUDA compaction is the default; each width gets its own graph, and the completions match the
-    full-width engine's (bf16: a near-tie may flip a greedy token where batch widths change the GEMM tiling)."""
+    """On CUDA compaction is the default; each width gets its own graph, and every completion is the
+    model's greedy choice under a full forward, up to bf16 near-ties (batch widths change the GEMM
+    tiling, so on a tiny random model whose logits are nearly flat a tie may go either way)."""
     model = build_model("tiny", seed=3, dtype=torch.bfloat16, device_map="cuda").eval()
     kwargs = {"max_new_tokens": 24, "stop_token_ids": STOPS, "temperature": 0, "n": 2}
     engine = GenerationEngine(model, max_batch=32, refill_every=2, attend_bucket=16)
@@ -82,8 +83,12 @@ def test_compaction_under_cuda_graphs():
     packed = engine.generate(PROMPTS, **kwargs)
     if engine.use_graphs:
         assert len({key[-1] for key in engine.graphs.graphs}) > 1  # graphs for several widths
-    plain = GenerationEngine(model, max_batch=32, refill_every=2, attend_bucket=16, compact=False).generate(
-        PROMPTS, **kwargs)
-    pairs = [(a, b) for ra, rb in zip(plain, packed, strict=True) for a, b in zip(ra, rb, strict=True)]
-    assert sum(a.token_ids == b.token_ids for a, b in pairs) >= 0.8 * len(pairs)
-    assert all(b.finish_reason == ("stop" if b.token_ids[-1] in STOPS else "length") for _, b in pairs)
+    for prompt, completions in zip(PROMPTS, packed, strict=True):
+        for c in completions:
+            ids = torch.tensor([prompt + c.token_ids], device="cuda")
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # [C, V]
+            chosen = logits.gather(1, torch.tensor(c.token_ids, device="cuda")[:, None]).squeeze(1)
+            gap = logits.max(-1).values - chosen  # 0 where the engine took the full forward's argmax
+            assert float(gap.max()) < 0.05 * float(logits.abs().max()), (prompt, c.token_ids)
+            assert c.finish_reason == ("stop" if c.token_ids[-1] in STOPS else "length")
