@@ -206,7 +206,7 @@ class LoRASetup(Setup):
     def reference(self) -> Iterator[torch.nn.Module]:
         """The live model with its adapters disabled: the base."""
         with self.unwrapped.disable_adapter():
-            yield self.model
+            yield self.unwrapped  # not DDP's wrapper: a forward without gradient needs no gradient sync
 
 
 @dataclass
