@@ -25,6 +25,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -433,8 +434,9 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     clock = time.perf_counter()
     rows = order.step_rows(step)
     with shared_failure(run.setup.accelerator, f"step {step + 1}: the rollout or its rewards"):
-        ro = rollout(run.engine, [run.data.train[rows[i]] for i in run.span], recipe, step, run.tokenizer,
-                     keys=run.span)
+        with run.setup.whole_weights():
+            ro = rollout(run.engine, [run.data.train[rows[i]] for i in run.span], recipe, step, run.tokenizer,
+                         keys=run.span)
         generated = time.perf_counter()
         reward, scores = score_local(run.rewards, ro, recipe)
     metrics, failure = reward_summary(run.gather([scores]))
@@ -504,8 +506,9 @@ def exact_match(run: Run) -> dict[str, float]:
     if not (e.exact_match and run.data.eval_rows):
         return {}
     rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
-    score, _ = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
-                                run.setup.accelerator, engine=e.engine)
+    with run.setup.whole_weights() if e.engine else nullcontext():
+        score, _ = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
+                                    run.setup.accelerator, engine=e.engine)
     return {"eval/exact_match": score}
 
 

@@ -64,7 +64,7 @@ def assert_same(got: dict[int, dict], want: dict[int, dict], rel: float) -> None
 
 @pytest.mark.parametrize("mode, overrides", [
     ("ddp", ["lora.r=4", "grpo.beta=0.04"]),
-    ("fsdp", ["lora=null"]),
+    ("fsdp", ["lora=null", "grpo.beta=0.04", "grpo.num_iterations=2"]),  # reference sharded too; old policy
 ])
 def test_two_processes_match_one_and_resume_exactly(tmp_path, mode, overrides):
     result = two(tmp_path, tmp_path / "two", overrides)
