@@ -16,6 +16,10 @@ Model setup (LoRA or full, the reference), optimizer / scheduler, checkpoints an
 floor's (align.train.run, align.train.setup), as for SFT; the rollout seed is derived from (seed, step),
 so a resumed run continues exactly as an uninterrupted one. `update` is the GRPO update on one round's
 batch; benchmarks drive it with their own batches.
+
+On N processes (accelerate launch / torchrun) each process rolls out, scores and trains its contiguous span
+of the step's prompts, keyed by their index in the step, and what needs every row is gathered
+(align.train.data_parallel, align.train.round_stats): an N-process run logs what one process would.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from accelerate import Accelerator
 from align.recipe import GRPOSection, RLRecipe
 from align.train import checkpointing as ckpt
 from align.train import guards, rundir
-from align.train.advantages import group_advantages, reward_std
 from align.train.data_parallel import Gather, gatherer, shared_failure, step_span
 from align.train.dynamic_sampling import fill_groups
 from align.train.evaluate import exact_match_eval
@@ -44,6 +47,7 @@ from align.train.metrics import progress_bar
 from align.train.moe_metrics import MoEMetrics
 from align.train.order import DataOrder
 from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch, policy_pass
+from align.train.round_stats import advantage_metrics, completion_metrics, reward_summary, round_advantages
 from align.train.run import (
     Cadence,
     Log,
@@ -195,37 +199,6 @@ def score_local(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, t
     prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
     totals, per_function, errors = score(rewards, prompts, completions, columns)
     return torch.tensor(totals, dtype=torch.float32), (totals, per_function, errors)
-
-
-def reward_summary(parts: list[tuple[list, dict, dict]]) -> tuple[dict, str | None]:
-    """Reward metrics and failure of the (totals, per-function scores, errors) of every process."""
-    from rewards import reward_metrics
-
-    totals = [v for t, _, _ in parts for v in t]
-    per_function = {name: [v for _, f, _ in parts for v in f[name]] for name in parts[0][1]}
-    errors = {name: max(e[name] for _, _, e in parts) for name in parts[0][2]}
-    return reward_metrics(per_function, errors, totals), guards.reward_failure(per_function, errors)
-
-
-def advantage_metrics(reward: torch.Tensor, advantages: torch.Tensor, recipe: RLRecipe) -> dict[str, float]:
-    g = recipe.grpo
-    std = reward_std(reward, g.num_generations, g.scale_rewards)
-    return {"advantages/mean": advantages.mean().item(), "advantages/std": advantages.std().item(),
-            "advantages/abs_max": advantages.abs().max().item(),
-            "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
-
-
-def completion_metrics(ro: Rollout, mask: torch.Tensor, gather: Gather = list) -> dict[str, float]:
-    """Length, truncation and sampled-token statistics over every process's completions."""
-    masked = (mask.sum(-1) == 0).tolist()
-    rows = gather([(len(c), f == "length", m, sum(lp), len(lp))
-                   for c, f, m, lp in zip(ro.completion_ids, ro.finish, masked, ro.sample_logprobs, strict=True)])
-    lengths = torch.tensor([r[0] for r in rows], dtype=torch.float32)
-    n = max(len(rows), 1)
-    return {"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
-            "completions/truncated_fraction": sum(r[1] for r in rows) / n,
-            "completions/masked_fraction": sum(r[2] for r in rows) / n,  # mean −log p of sampled tokens:
-            "completions/sampled_nll": -sum(r[3] for r in rows) / max(sum(r[4] for r in rows), 1)}
 
 
 # ---------------------------------------------------------------------------------------- update
@@ -452,24 +425,13 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     done = time.perf_counter()
     metrics.update({k if k.startswith(OWN_NAMES) else f"train/{k}": v for k, v in updates.items()})
     metrics.update(advantage_metrics(everything, advantages[0], recipe))
-    metrics.update(completion_metrics(ro, batch.loss_mask.cpu(), run.gather))
+    metrics.update(completion_metrics(ro.completion_ids, ro.finish, ro.sample_logprobs, batch.loss_mask.cpu(),
+                                      run.gather))
     tokens = sum(len(c) for c in ro.completion_ids)
     metrics.update({"time/generation": generated - clock, "time/scoring": scored - generated,
                     "time/update": done - scored, "time/step": done - clock,
                     "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
     return Round(metrics, ro, reward, skipped, failure)
-
-
-def round_advantages(reward: torch.Tensor, recipe: RLRecipe, gather: Gather,
-                     rank: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(every process's rewards, (their advantages, this process's)): groups never span processes, but
-    scale_rewards=batch divides by the std of the whole round's rewards."""
-    g = recipe.grpo
-    parts = gather([reward.tolist()])
-    start = sum(len(p) for p in parts[:rank])
-    everything = torch.tensor([v for p in parts for v in p], dtype=torch.float32)
-    advantages = group_advantages(everything, g.num_generations, g.scale_rewards)
-    return everything, (advantages, advantages[start : start + len(reward)])
 
 
 def dynamic_round(run: Run, step: int, order: DataOrder, ro: Rollout,

@@ -101,3 +101,14 @@ def test_one_process_failing_stops_both(tmp_path):
     out = result.stdout + result.stderr
     assert "RewardCrash: reward blew up on purpose" in out
     assert "failed on process 1 of 2" in out  # what process 0 raised, instead of waiting
+
+
+def test_prompts_per_step_divides_by_the_processes():
+    from types import SimpleNamespace
+
+    from align.train.data_parallel import step_span
+
+    spans = [step_span(8, SimpleNamespace(num_processes=4, process_index=r)) for r in range(4)]
+    assert spans == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    with pytest.raises(ValueError, match=r"prompts_per_step=6 \(global\) does not divide by the 4 processes.*4 or 8"):
+        step_span(6, SimpleNamespace(num_processes=4, process_index=0))
