@@ -95,12 +95,12 @@ class Recorder:
         rec = self
 
         def run_step(original):
-            def wrapped(engine, attend_len, sampling, max_new, generator):
+            def wrapped(engine, attend_len, sampling, max_new):
                 if not rec.active:
-                    return original(engine, attend_len, sampling, max_new, generator)
+                    return original(engine, attend_len, sampling, max_new)
                 host = time.perf_counter()
                 start = rec.clock.mark()
-                original(engine, attend_len, sampling, max_new, generator)
+                original(engine, attend_len, sampling, max_new)
                 end = rec.clock.mark()
                 rec.steps.append({"live": rec.live, "width": engine.width, "attend_len": attend_len,
                                   "events": (start, end), "host_ms": (time.perf_counter() - host) * 1e3})
@@ -255,7 +255,7 @@ def main() -> None:
     state = {"step": 0, "head": None}
     slots = min(g.rollout_batch, g.prompts_per_step * g.num_generations)
 
-    def timed_rollout(engine, rows, recipe, step, tokenizer, round_=0):
+    def timed_rollout(engine, rows, recipe, step, tokenizer, round_=0, keys=None):
         lm = unwrap(engine.model)
         if args.mean_len is not None and state["head"] is None:
             from bench_grpo import HazardHead, hazard_for
@@ -274,9 +274,9 @@ def main() -> None:
         try:
             if profiled:
                 result["torch_profiler"] = profile_rollout(rollout, args.device, engine, rows, recipe, step,
-                                                           tokenizer, round_)
+                                                           tokenizer, round_, keys)
                 return result["torch_profiler"].pop("rollout")
-            out = rollout(engine, rows, recipe, step, tokenizer, round_)
+            out = rollout(engine, rows, recipe, step, tokenizer, round_, keys)
         finally:
             lm.lm_head = original
         clock.sync()

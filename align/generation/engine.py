@@ -19,7 +19,9 @@ moves rows without touching what they compute, so completions are unchanged in d
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -32,7 +34,7 @@ from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.routing import RoutingRecorder
-from align.generation.sampling import SamplingParams, choose
+from align.generation.sampling import SamplingParams, choose, keyed_uniform, sequence_key, vocab_hashes
 from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_linear_sync_free
 from align.models.config import moe_layers
@@ -51,11 +53,13 @@ class DecodeState:
     done: torch.Tensor  # [slots] finished or empty
     out_tokens: torch.Tensor  # [slots, max_new]
     out_logprobs: torch.Tensor  # [slots, max_new] float32
-    uniform: torch.Tensor  # [slots, V] float32 noise for sampling
+    uniform: torch.Tensor  # [slots, V] float32 noise for sampling (sampling.keyed_uniform)
+    keys: torch.Tensor  # [slots] the noise key of each slot's sequence (sampling.sequence_key)
+    vocab_hash: torch.Tensor  # [V] sampling.vocab_hashes
     stop_ids: torch.Tensor  # [STOP_PAD * k] padded with -1
     rows: torch.Tensor  # [slots] arange
 
-    SHARED = ("stop_ids",)  # fields not indexed by slot; every other field is [slots, ...]
+    SHARED = ("stop_ids", "vocab_hash")  # fields not indexed by slot; every other field is [slots, ...]
 
     @classmethod
     def allocate(cls, slots: int, max_new: int, vocab: int, stops: int, device) -> DecodeState:
@@ -66,6 +70,7 @@ class DecodeState:
             out_tokens=torch.zeros(slots, max_new, **long),
             out_logprobs=torch.zeros(slots, max_new, dtype=torch.float32, device=device),
             uniform=torch.zeros(slots, vocab, dtype=torch.float32, device=device),
+            keys=torch.zeros(slots, **long), vocab_hash=vocab_hashes(vocab, device),
             stop_ids=torch.full((stops,), -1, **long), rows=torch.arange(slots, **long),
         )
 
@@ -147,10 +152,12 @@ class GenerationEngine:
     def generate(
         self, prompt_token_ids, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
         top_k: int = 0, n: int = 1, eos_token_id: int | list[int] | None = None, stop_token_ids=(),
-        seed: int | None = None, record_routing: bool = False,
+        seed: int | None = None, record_routing: bool = False, prompt_keys: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Per prompt, n completions (see align.generation.generate for the arguments). record_routing:
-        each Completion also carries the experts its tokens were routed to (align.generation.routing)."""
+        each Completion also carries the experts its tokens were routed to (align.generation.routing).
+        prompt_keys: an integer per prompt (default its index) keying its samples' noise with the seed and
+        sample index, so a prompt's completions do not depend on the batch it came in."""
         request = build_request(
             prompt_token_ids, self.lm.config.vocab_size, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, n=n, eos_token_id=eos_token_id,
@@ -162,7 +169,7 @@ class GenerationEngine:
             self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
             try:
                 with torch.no_grad():
-                    return _Run(self, request).loop()
+                    return _Run(self, request, prompt_keys).loop()
             finally:
                 for module, training in modes:
                     module.training = training
@@ -242,6 +249,8 @@ class GenerationEngine:
         st = self.state.view(width or self.state.tokens.shape[0])
         trace = RoutingTrace() if record else None
         logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len, trace)  # [B, V]
+        if not sampling.greedy:  # noise keyed by (sequence, token index): in the graph, no generator
+            st.uniform.copy_(keyed_uniform(st.keys, st.counts, st.vocab_hash))
         token, logprob = choose(logits, sampling, st.uniform)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)
@@ -256,10 +265,8 @@ class GenerationEngine:
         st.tokens.copy_(torch.where(running, token, st.tokens))
         st.positions += (running & ~finished).long()
 
-    def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int, generator) -> None:
+    def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int) -> None:
         width = self.width
-        if not sampling.greedy:
-            self.state.uniform[:width].uniform_(generator=generator)  # outside the graph: seeded, one launch
         record = self.recording
         self.graphs.run(
             (attend_len, sampling, max_new, record, width),
@@ -293,7 +300,7 @@ class GenerationEngine:
 class _Run:
     """Host-side bookkeeping of one generate call: the queue, slot owners, collected results."""
 
-    def __init__(self, engine: GenerationEngine, request: Request):
+    def __init__(self, engine: GenerationEngine, request: Request, prompt_keys: Sequence[int] | None = None):
         self.engine, self.request = engine, request
         self.queue = deque(range(request.sequences))  # sequence s = prompt s // n, sample s % n
         slots = engine.cache.slots
@@ -301,11 +308,11 @@ class _Run:
         self.start = [0] * slots  # step at which the slot's sequence was admitted
         self.results: list[list[Completion | None]] = [[None] * request.n for _ in request.prompts]
         self.step = 0
-        self.generator = torch.Generator(device=engine.device)
-        if request.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(request.seed)
+        keys = range(len(request.prompts)) if prompt_keys is None else list(prompt_keys)
+        if len(keys) != len(request.prompts) or not all(isinstance(k, int) for k in keys):
+            raise ValueError(f"prompt_keys: expected {len(request.prompts)} integers (one per prompt)")
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        self.keys = [sequence_key(seed, keys[s // request.n], s % request.n) for s in range(request.sequences)]
 
     def prompt(self, sequence: int) -> list[int]:
         return self.request.prompts[sequence // self.request.n]
@@ -321,7 +328,7 @@ class _Run:
             max_new = self.request.max_new_tokens
             left = max(max_new - (self.step - self.start[s]) for s in live)  # a row stops by max_new
             for _ in range(min(self.engine.refill_every, left)):
-                self.engine.run_step(self.attend_len(live), self.request.sampling, max_new, self.generator)
+                self.engine.run_step(self.attend_len(live), self.request.sampling, max_new)
                 self.step += 1
 
     def compact(self, live: list[int]) -> list[int]:
@@ -439,6 +446,7 @@ class _Run:
         st.positions[slots] = start
         st.counts[slots] = 0
         st.done[slots] = False
+        st.keys[slots] = torch.tensor([self.keys[q] for _, q in admitted], device=device)
 
 
 def generate(
