@@ -427,10 +427,12 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     metrics.update(advantage_metrics(everything, advantages[0], recipe))
     metrics.update(completion_metrics(ro.completion_ids, ro.finish, ro.sample_logprobs, batch.loss_mask.cpu(),
                                       run.gather))
-    tokens = sum(len(c) for c in ro.completion_ids)
-    metrics.update({"time/generation": generated - clock, "time/scoring": scored - generated,
+    # every process's completions over the slowest process's generation phase: the run's rate
+    phases = run.gather([(sum(len(c) for c in ro.completion_ids), generated - clock)])
+    tokens, generation_s = sum(t for t, _ in phases), max(s for _, s in phases)
+    metrics.update({"time/generation": generation_s, "time/scoring": scored - generated,
                     "time/update": done - scored, "time/step": done - clock,
-                    "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
+                    "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9)})
     return Round(metrics, ro, reward, skipped, failure)
 
 
