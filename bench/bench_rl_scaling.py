@@ -114,9 +114,13 @@ def main() -> None:
             run_dir = Path(tmp) / f"run{processes}"
             recipe = Path(tmp) / f"rl{processes}.yaml"
             recipe.write_text(recipe_text(args, run_dir))
-            result["runs"].append(run(recipe, run_dir, processes, args.smoke))
+            try:
+                result["runs"].append(run(recipe, run_dir, processes, args.smoke))
+            except (subprocess.CalledProcessError, RuntimeError) as err:  # keep what ran; say what did not
+                result.setdefault("failed", []).append({"processes": processes, "error": str(err)})
+                continue
             print(json.dumps(result["runs"][-1]), flush=True)
-    one = result["runs"][0]
+    one = result["runs"][0] if result["runs"] else {"processes": 0}
     for r in result["runs"][1:]:
         n = r["processes"] / one["processes"]
         r["tokens_per_gpu_efficiency"] = r["generated_tokens_per_s"] / (n * one["generated_tokens_per_s"])
