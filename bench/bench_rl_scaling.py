@@ -11,7 +11,7 @@ model.preset deepseek-v2-lite (random bf16 weights), model.config.vocab_size cut
 1,024 ids, the tiny tokenizer, synthetic arithmetic prompts (data.synthetic), rewards exact_match +
 length_penalty, no eval, no checkpoints; `grpo.prompts_per_step` is global, so N processes share the
 same step of --prompts prompts x --generations completions (rollout_batch and micro_batch_size are per
-process). Completion lengths are fixed at --completion-len: the worker calls the engine with
+process); with --weak the step grows with the processes (--prompts per process: the same rows per GPU). Completion lengths are fixed at --completion-len: the worker calls the engine with
 eos_token_id None (the only change to the product's path; a random model would otherwise end rows at
 random), so every process decodes the same number of tokens per row.
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "deepseek_v2_lite_grpo.yaml"
 
 
-def recipe_text(args, run_dir: Path) -> str:
+def recipe_text(args, run_dir: Path, processes: int) -> str:
     raw = yaml.safe_load(RECIPE.read_text())
     preset, dtype = ("tiny", "float32") if args.smoke else ("deepseek-v2-lite", "bfloat16")
     raw["model"] = {"preset": preset, "dtype": dtype, "config": {"vocab_size": 1024}}
@@ -48,7 +48,8 @@ def recipe_text(args, run_dir: Path) -> str:
     penalty = next(r for r in raw["rewards"] if r["name"] == "length_penalty")
     raw["rewards"] = [{"name": "exact_match"}, penalty]
     raw.pop("eval", None)
-    raw["grpo"].update({"prompts_per_step": args.prompts, "num_generations": args.generations,
+    raw["grpo"].update({"prompts_per_step": args.prompts * (processes if args.weak else 1),
+                        "num_generations": args.generations,
                         "max_completion_length": args.completion_len})
     raw["train"].update({"steps": args.steps, "save_every": 10**6, "sample_every": 10**6, "log_every": 1,
                          "bf16": not args.smoke})
@@ -101,19 +102,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps; the first is a warm-up")
     parser.add_argument("--prompts", type=int, default=32, help="grpo.prompts_per_step (global)")
     parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--weak", action="store_true",
+                        help="prompts_per_step = --prompts x processes (the same rows per GPU), not fixed")
     parser.add_argument("--completion-len", type=int, default=512)
     args = parser.parse_args()
     if args.worker:
         raise SystemExit(worker(args.worker))
     if args.smoke:
         args.prompts, args.generations, args.completion_len, args.steps = 4, 2, 8, 2
-    result = {"recipe": str(RECIPE.relative_to(ROOT)), "prompts_per_step": args.prompts,
+    result = {"recipe": str(RECIPE.relative_to(ROOT)), "prompts_per_step": args.prompts, "weak": args.weak,
               "num_generations": args.generations, "completion_len": args.completion_len, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
             run_dir = Path(tmp) / f"run{processes}"
             recipe = Path(tmp) / f"rl{processes}.yaml"
-            recipe.write_text(recipe_text(args, run_dir))
+            recipe.write_text(recipe_text(args, run_dir, processes))
             try:
                 result["runs"].append(run(recipe, run_dir, processes, args.smoke))
             except (subprocess.CalledProcessError, RuntimeError) as err:  # keep what ran; say what did not
@@ -124,7 +127,8 @@ def main() -> None:
     for r in result["runs"][1:]:
         n = r["processes"] / one["processes"]
         r["tokens_per_gpu_efficiency"] = r["generated_tokens_per_s"] / (n * one["generated_tokens_per_s"])
-        r["step_per_gpu_efficiency"] = one["step_s"] / (n * r["step_s"])
+        work = n if args.weak else 1  # rows per step relative to the first run
+        r["step_per_gpu_efficiency"] = work * one["step_s"] / (n * r["step_s"])
     try:
         import torch
 
