@@ -11,9 +11,10 @@ model.preset deepseek-v2-lite (random bf16 weights), model.config.vocab_size cut
 1,024 ids, the tiny tokenizer, synthetic arithmetic prompts (data.synthetic), rewards exact_match +
 length_penalty, no eval, no checkpoints; `grpo.prompts_per_step` is global, so N processes share the
 same step of --prompts prompts x --generations completions (rollout_batch and micro_batch_size are per
-process); with --weak the step grows with the processes (--prompts per process: the same rows per GPU). Completion lengths are fixed at --completion-len: the worker calls the engine with
-eos_token_id None (the only change to the product's path; a random model would otherwise end rows at
-random), so every process decodes the same number of tokens per row.
+process); with --weak the step grows with the processes (--prompts per process: the same rows per GPU).
+Completion lengths are fixed at --completion-len: the worker calls the engine with eos_token_id None
+(the only change to the product's path; a random model would otherwise end rows at random), so every
+process decodes the same number of tokens per row.
 
 Read from each run's metrics.jsonl: time/step and time/generated_tokens_per_s (global: all processes'
 tokens over the phase's wall time), median over the steps after the first (warm-up: graph capture,
@@ -61,9 +62,10 @@ def run(recipe: Path, run_dir: Path, processes: int, smoke: bool) -> dict:
     worker = [str(Path(__file__).resolve()), "--worker", str(recipe)]
     if processes == 1:
         command = [sys.executable, *worker]
+    elif smoke:  # CPU processes (gloo) through torchrun
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *worker]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-        command += ["--cpu", *worker] if smoke else worker
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), *worker]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": path})
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
