@@ -53,7 +53,6 @@ class DecodeState:
     done: torch.Tensor  # [slots] finished or empty
     out_tokens: torch.Tensor  # [slots, max_new]
     out_logprobs: torch.Tensor  # [slots, max_new] float32
-    uniform: torch.Tensor  # [slots, V] float32 noise for sampling (sampling.keyed_uniform)
     keys: torch.Tensor  # [slots] the noise key of each slot's sequence (sampling.sequence_key)
     vocab_hash: torch.Tensor  # [V] sampling.vocab_hashes
     stop_ids: torch.Tensor  # [STOP_PAD * k] padded with -1
@@ -69,7 +68,6 @@ class DecodeState:
             counts=torch.zeros(slots, **long), done=torch.ones(slots, dtype=torch.bool, device=device),
             out_tokens=torch.zeros(slots, max_new, **long),
             out_logprobs=torch.zeros(slots, max_new, dtype=torch.float32, device=device),
-            uniform=torch.zeros(slots, vocab, dtype=torch.float32, device=device),
             keys=torch.zeros(slots, **long), vocab_hash=vocab_hashes(vocab, device),
             stop_ids=torch.full((stops,), -1, **long), rows=torch.arange(slots, **long),
         )
@@ -249,9 +247,9 @@ class GenerationEngine:
         st = self.state.view(width or self.state.tokens.shape[0])
         trace = RoutingTrace() if record else None
         logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len, trace)  # [B, V]
-        if not sampling.greedy:  # noise keyed by (sequence, token index): in the graph, no generator
-            st.uniform.copy_(keyed_uniform(st.keys, st.counts, st.vocab_hash))
-        token, logprob = choose(logits, sampling, st.uniform)
+        # noise keyed by (sequence, token index), drawn in the step (so in its graph): no generator
+        noise = None if sampling.greedy else keyed_uniform(st.keys, st.counts, st.vocab_hash)
+        token, logprob = choose(logits, sampling, noise)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)
         if record:

@@ -59,6 +59,8 @@ def shared_failure(accelerator: Accelerator, what: str) -> Iterator[None]:
     error: BaseException | None = None
     try:
         yield
+    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C reaches every process (torchrun forwards it)
+        raise
     except BaseException as exc:  # noqa: BLE001 - shared with the other processes, then re-raised
         error = exc
     from accelerate.utils import gather_object

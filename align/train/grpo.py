@@ -255,7 +255,9 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
     loss is scaled as TRL scales it per process, so the update and the metrics are one process's."""
     accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
-    n_items = torch.tensor(sum(gather([batch.loss_mask.sum().item()])), device=batch.loss_mask.device)
+    n_items = batch.loss_mask.sum()  # dapo's token count: of the global batch (all-reduced on the device)
+    if accelerator.num_processes > 1:
+        n_items = accelerator.reduce(n_items, reduction="sum")
     total, parts = 0.0, []
     for m, start in enumerate(starts):
         part = batch.rows(start, start + size)

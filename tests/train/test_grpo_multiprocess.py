@@ -1,6 +1,7 @@
 """GRPO in two CPU processes (gloo; `torchrun --nproc_per_node 2 -m align.cli rl`): each process generates,
 scores and trains its half of the step's prompts, and the metrics equal a one-process run of the same
-global batch and seeds (LoRA through DDP, full fine-tuning through FSDP2); a two-process resume is exact;
+global batch and seeds (LoRA through DDP, full fine-tuning through FSDP2); a two-process resume is exact, and
+one process continues a two-process checkpoint as two would;
 one process's failure stops both with its error. Launch and tolerance as tests/train/test_sft_multiprocess.py
 (the processes differ from one only in the order of float32 sums)."""
 
@@ -80,6 +81,13 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path, mode, overrides):
     assert "resumed from" in resumed.stdout
     again = records(tmp_path / "b")
     assert_same({k: v for k, v in again.items() if k in (3, 4)}, {k: both[k] for k in (3, 4)}, 1e-6)
+
+    # the two processes' checkpoint continued by one process: the same rounds (the noise is keyed per prompt)
+    checkpoint = f"resume_from={tmp_path / 'two/checkpoints/step-000002'}"
+    run_rl(load_recipe(RLRecipe, recipe_file(tmp_path), [*BASE, *overrides, f"output.run_dir={tmp_path / 'c'}",
+                                                         checkpoint]))
+    alone = records(tmp_path / "c")
+    assert_same({k: v for k, v in alone.items() if k in (3, 4)}, {k: both[k] for k in (3, 4)}, RTOL)
 
 
 class RewardCrash(BaseException):
