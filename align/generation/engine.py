@@ -89,7 +89,7 @@ class DecodeState:
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot src[i]'s state into slot dst[i] (every per-slot field); src slots are left done."""
         for name in self.per_slot():
-            if name not in ("rows", "uniform"):  # rows is the identity, the noise is redrawn every step
+            if name != "rows":  # rows is the identity
                 tensor = getattr(self, name)
                 tensor[dst] = tensor[src]
         self.done[src] = True
