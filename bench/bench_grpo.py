@@ -4,6 +4,19 @@ python bench/bench_grpo.py --out grpo.json                # GPU: deepseek-v2-lit
 python bench/bench_grpo.py --out grpo.json --skip-trl     # align only
 python bench/bench_grpo.py --smoke --out smoke.json       # CPU: tiny preset, fp32, G=4, 4 prompts, 16+16 tokens
 python bench/bench_grpo.py --skip-trl --routing-replay none rollout --out replay.json   # replay off vs on
+python bench/bench_grpo.py --skip-trl --lengths variable --completion-len 1024 --mean-len 600 --out var.json
+
+--lengths variable (issue 19: the benchmark sees what `align rl` sees): EOS is reachable. The LM head the
+engine calls is wrapped (HazardHead, bench-only) so that at temperature 1 EOS is sampled with the same
+probability h at every step: completion lengths are geometric(h) truncated at --completion-len (the cap,
+i.e. grpo.max_completion_length; a row reaching it stops by length), mean (1 - (1-h)^cap) / h, with h solved
+for --mean-len (default 0.6 x cap, as the V2-Lite recipe's ~600 of 1024). The timed variable step is then
+compared with a fixed-length step at the same batch, the same prompts and the observed mean length rounded
+(same head with EOS masked): tokens/s of generation, and variable / fixed (issue 19's target: >= 0.8).
+The update trains on the same lm_head.weight (the fused log-prob kernel reads it directly), so in this mode
+policy/logprob_mismatch compares two different heads and means nothing. --rollout-batch: decode slots
+(grpo.rollout_batch; default all prompts x G completions at once). --fold / --compact on|off: the engine's
+issue-19 options (default: the engine's, on on CUDA), to measure before and after in separate runs.
 
 One step = --prompts prompts of --prompt-len random tokens x --generations completions of exactly
 --completion-len tokens (no EOS can end them), sampled at temperature 1; a trivial reward (fraction of even
@@ -40,6 +53,7 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import platform
 import tempfile
 import time
@@ -49,6 +63,7 @@ import torch
 from accelerate import Accelerator
 
 from align.generation import GenerationEngine
+from align.generation.forward import unwrap
 from align.models import build_model
 from align.recipe import GRPOSection
 from align.train.advantages import group_advantages
@@ -122,12 +137,56 @@ def random_prompts(count: int, length: int, config, seed: int) -> list[list[int]
 # ------------------------------------------------------------------------------------------- align
 
 
+class HazardHead(torch.nn.Module):
+    """The LM head with EOS's logit set to logsumexp(other logits) + log(h / (1 - h)): at temperature 1, EOS
+    is sampled with probability h at every step (h = 0: never). `weight` is the head's, so the training
+    path (fused log-prob kernel over lm_head.weight) is unchanged."""
+
+    def __init__(self, head: torch.nn.Linear, eos: int, hazard: float):
+        super().__init__()
+        self.head, self.eos = head, eos
+        self.log_odds = math.log(hazard / (1 - hazard)) if hazard > 0 else float("-inf")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()  # [..., V]
+        is_eos = torch.arange(logits.shape[-1], device=logits.device) == self.eos
+        others = logits.masked_fill(is_eos, float("-inf")).logsumexp(-1, keepdim=True)
+        return torch.where(is_eos, others + self.log_odds, logits)
+
+
+def truncated_geometric_mean(hazard: float, cap: int) -> float:
+    """Mean length when every step ends the row with probability `hazard`, the cap ending the rest."""
+    return (1 - (1 - hazard) ** cap) / hazard if hazard > 0 else float(cap)
+
+
+def hazard_for(mean: float, cap: int) -> float:
+    """The per-step EOS probability whose cap-truncated geometric lengths average `mean` (bisection)."""
+    if not 1 <= mean < cap:
+        raise SystemExit(f"--mean-len {mean} must be in [1, --completion-len {cap})")
+    low, high = 1e-9, 1.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if truncated_geometric_mean(mid, cap) > mean else (low, mid)
+    return (low + high) / 2
+
+
+def length_summary(lengths: list[int], cap: int) -> dict:
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"mean": sum(ordered) / len(ordered), "min": ordered[0], "p10": pick(0.1), "p50": pick(0.5),
+            "p90": pick(0.9), "max": ordered[-1], "clipped_fraction": sum(n == cap for n in ordered) / len(ordered)}
+
+
 def build_align(args):
     """Our model with random weights + LoRA + AdamW, as the LoRASetup `align rl` trains; also returns the base
     weights (for the TRL twin)."""
     model = build_model(args.preset, dtype=args.dtype, device_map=str(args.device), seed=0)
     base_state = dict(model.state_dict())  # the base tensors themselves (detached views, no copy)
-    model = apply_lora(model, lora_config(model, r=16, alpha=32.0))
+    model = apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=args.routed_experts))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, lr=LR)
@@ -147,17 +206,21 @@ def grpo_section(args, replay: str) -> GRPOSection:
 ROUTING_KEYS = ("policy/logprob_mismatch", "moe/routing_agreement", "moe/load_max_over_mean", "moe/load_entropy")
 
 
-def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int, replay: str) -> dict:
-    """generation -> scoring -> update, each timed (synchronised)."""
+def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int, replay: str,
+               length: int | None = None, eos: bool = False) -> dict:
+    """generation -> scoring -> update, each timed (synchronised). length: max new tokens (default
+    --completion-len); eos: EOS ends rows (variable lengths), else every completion has `length` tokens."""
     from rewards import score
     from rewards.registry import WeightedReward
 
     device, g = args.device, args.generations
+    length = length or args.completion_len
     reset_peak(device)
     sync(device)
     clock = time.perf_counter()
-    results = engine.generate(prompt_ids, max_new_tokens=args.completion_len, temperature=1.0, n=g,
-                              eos_token_id=None, seed=seed, record_routing=True)
+    results = engine.generate(prompt_ids, max_new_tokens=length, temperature=1.0, n=g,
+                              eos_token_id=setup.model.config.eos_token_id if eos else None, seed=seed,
+                              record_routing=True)
     flat = [c for row in results for c in row]
     completions = [c.token_ids for c in flat]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
@@ -176,8 +239,9 @@ def align_step(setup: LoRASetup, engine, tokenizer, prompt_ids, args, seed: int,
     sync(device)
     done = time.perf_counter()
     tokens = sum(len(c) for c in completions)
-    assert tokens == len(prompts) * args.completion_len, "a completion stopped early"
-    return {"step_s": done - clock, "generation_s": generated - clock, "scoring_s": scored - generated,
+    assert eos or tokens == len(prompts) * length, "a completion stopped early"
+    return {"max_new_tokens": length, "lengths": length_summary([len(c) for c in completions], length),
+            "step_s": done - clock, "generation_s": generated - clock, "scoring_s": scored - generated,
             "update_s": done - scored, "generated_tokens": tokens, "tokens_per_s": tokens / (generated - clock),
             "update_tokens_per_s": batch.input_ids.numel() / (done - scored), "loss": metrics["loss"],
             "reward_mean": sum(totals) / len(totals), "peak_gib": peak_gib(device),
@@ -189,14 +253,23 @@ def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
     setup, base_state = build_align(args)
     config = setup.model.config
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
-    engine = GenerationEngine(setup.model, max_batch=args.prompts * args.generations)
-    out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs, "routing_replay": {}}
+    variable = args.lengths == "variable"
+    lm = unwrap(setup.model)
+    head = lm.lm_head
+    if variable:
+        lm.lm_head = HazardHead(head, config.eos_token_id, args.hazard)
+    engine = GenerationEngine(setup.model, max_batch=args.rollout_batch, **args.engine_options)
+    out = {"trainable_params": trainable, "cuda_graphs": engine.use_graphs, "fold": engine.fold,
+           "compact": engine.compact, "rollout_batch": args.rollout_batch, "routing_replay": {}}
     for replay in args.routing_replay:
         for name, seed in (("warmup", 1), ("timed", 2)):
-            step = align_step(setup, engine, tokenizer, prompt_ids, args, seed, replay)
+            step = align_step(setup, engine, tokenizer, prompt_ids, args, seed, replay, eos=variable)
             out["routing_replay"].setdefault(replay, {})[name] = step
             out.setdefault(name, step)  # the first mode's steps are the ones TRL is compared with
             print("align", f"routing_replay={replay}", name, json.dumps(step), flush=True)
+    if variable:
+        out["variable"] = variable_vs_fixed(setup, engine, tokenizer, prompt_ids, args, out["timed"], head)
+    lm.lm_head = head
     engine.release()
     del engine, setup
     gc.collect()
@@ -206,6 +279,29 @@ def bench_align(args, tokenizer, prompt_ids) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------------------------- TRL
+
+
+def variable_vs_fixed(setup, engine, tokenizer, prompt_ids, args, timed: dict, head) -> dict:
+    """The timed variable-length step against fixed-length steps (warm-up + timed) at the same batch, prompts
+    and mean length (the observed mean, rounded), through the same head with EOS masked."""
+    lm = unwrap(setup.model)
+    lm.lm_head = HazardHead(head, setup.model.config.eos_token_id, 0.0)
+    mean = max(1, round(timed["lengths"]["mean"]))
+    replay = args.routing_replay[0]
+    for name, seed in (("warmup", 1), ("timed", 2)):
+        fixed = align_step(setup, engine, tokenizer, prompt_ids, args, seed, replay, length=mean)
+        print("align fixed", name, json.dumps(fixed), flush=True)
+    result = {
+        "distribution": f"geometric, per-step EOS probability {args.hazard:.6f}, truncated at {args.completion_len}",
+        "expected_mean": truncated_geometric_mean(args.hazard, args.completion_len), "hazard": args.hazard,
+        "lengths": timed["lengths"], "variable_tokens_per_s": timed["tokens_per_s"],
+        "fixed_length": mean, "fixed_tokens_per_s": fixed["tokens_per_s"], "fixed": fixed,
+        "ratio": timed["tokens_per_s"] / fixed["tokens_per_s"],
+    }
+    print(f"variable lengths ({result['distribution']}; observed {json.dumps(timed['lengths'])}): "
+          f"{timed['tokens_per_s']:,.0f} tok/s; fixed {mean}: {fixed['tokens_per_s']:,.0f} tok/s; "
+          f"ratio {result['ratio']:.3f}", flush=True)
+    return result
 
 
 def transformers_policy(config, state: dict, device: torch.device):
@@ -331,7 +427,7 @@ def bench_trl(args, base: dict, tokenizer, texts: list[str]) -> dict:
     from rewards.registry import WeightedReward
 
     policy = transformers_policy(base.pop("config"), base.pop("state"), args.device)
-    model = apply_lora(policy, lora_config(policy, r=16, alpha=32.0))
+    model = apply_lora(policy, lora_config(policy, r=16, alpha=32.0, routed_experts=args.routed_experts))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clock = make_clock(args.device)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -372,7 +468,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trl-steps", type=int, default=1, help="TRL optimizer steps; the last one is reported")
     parser.add_argument("--routing-replay", nargs="+", choices=("none", "rollout"), default=["none"],
                         help="grpo.routing_replay mode(s) of align's steps, timed in turn (default none)")
+    parser.add_argument("--lengths", choices=("fixed", "variable"), default="fixed",
+                        help="fixed: exactly --completion-len tokens; variable: EOS reachable, geometric lengths "
+                             "capped at --completion-len, compared with fixed at the observed mean (see above)")
+    parser.add_argument("--mean-len", type=float, default=None,
+                        help="variable: target mean completion length (default 0.6 x --completion-len)")
+    parser.add_argument("--rollout-batch", type=int, default=None,
+                        help="decode slots, grpo.rollout_batch (default prompts x G)")
+    parser.add_argument("--routed-experts", action="store_true",
+                        help="LoRA on the routed experts too (lora.routed_experts)")
+    for name in ("fold", "compact"):
+        parser.add_argument(f"--{name}", choices=("auto", "on", "off"), default="auto",
+                            help=f"the engine's {name} option (auto: its default, on on CUDA): before / after issue 19")
     args = parser.parse_args()
+    args.engine_options = {name: getattr(args, name) == "on" for name in ("fold", "compact")
+                           if getattr(args, name) != "auto"}
     if args.smoke:
         args.preset, args.dtype, args.device = "tiny", torch.float32, torch.device("cpu")
         torch.set_num_threads(1)  # measured: 2 intra-op threads on a busy 2-core box made TRL's generate ~100x slower
@@ -385,6 +495,12 @@ def parse_args() -> argparse.Namespace:
     for key, value in defaults.items():
         setattr(args, key, getattr(args, key) or value)
     total = args.prompts * args.generations
+    args.rollout_batch = args.rollout_batch or total
+    args.hazard = None
+    if args.lengths == "variable":
+        if not args.skip_trl:
+            raise SystemExit("--lengths variable times align only: add --skip-trl")
+        args.hazard = hazard_for(args.mean_len or 0.6 * args.completion_len, args.completion_len)
     args.micro_batch = min(args.micro_batch, total)
     if args.generations < 2 or total % args.micro_batch or args.trl_steps < 1:
         raise SystemExit(f"need --generations >= 2, --trl-steps >= 1 and --micro-batch dividing prompts x G = {total}")
@@ -408,9 +524,11 @@ def header(args) -> dict:
         "preset": args.preset, "dtype": str(args.dtype),
         "prompts": args.prompts, "generations": args.generations, "prompt_len": args.prompt_len,
         "completion_len": args.completion_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": args.grad_ckpt, "lora": {"r": 16, "alpha": 32}, "beta": 0.0, "loss_type": "dapo",
+        "gradient_checkpointing": args.grad_ckpt,
+        "lora": {"r": 16, "alpha": 32, "routed_experts": args.routed_experts}, "beta": 0.0, "loss_type": "dapo",
         "baseline_experts": BASELINE_EXPERTS,
-        "routing_replay": args.routing_replay,
+        "routing_replay": args.routing_replay, "lengths": args.lengths, "rollout_batch": args.rollout_batch,
+        "eos_hazard": args.hazard, "engine_options": args.engine_options,
     }
 
 

@@ -89,11 +89,11 @@ model: {{preset: {args.preset}, dtype: {args.dtype}}}
 tokenizer: {{path: tiny}}
 data: {{train: {data}, max_length: {args.max_length}, packing: {str(packing).lower()}, train_on: assistant,
        truncation: right}}
-lora: {{r: 16, alpha: 32, dropout: 0.0}}
+lora: {{r: 16, alpha: 32, dropout: 0.0, routed_experts: {str(args.routed_experts).lower()}}}
 optim: {{lr: {LR}, betas: [0.9, 0.95], weight_decay: 0.0}}
 schedule: {{name: constant, warmup_steps: 0}}
 train: {{steps: {args.steps}, micro_batch_size: {args.micro}, grad_accum: 1, max_grad_norm: 1.0,
-        bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: true, seed: 0, log_every: 1,
+        bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: {args.checkpointing}, seed: 0, log_every: 1,
         eval_every: 0, save_every: 0}}
 eval: {{exact_match: false}}
 output: {{run_dir: {run_dir}, merge: false, progress: false}}
@@ -168,11 +168,11 @@ def documents_isolated() -> bool:
     return bool(torch.allclose(packed, alone, atol=1e-4, rtol=1e-4))
 
 
-def lora_wrap(model):
+def lora_wrap(model, routed_experts: bool):
     from align.train.lora import apply_lora, lora_config
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, lora_config(model, r=16, alpha=32.0))
+    return apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=routed_experts))
 
 
 def sync(device: str) -> None:
@@ -182,7 +182,7 @@ def sync(device: str) -> None:
 
 def bench_transformers(rows: list[dict], tokens: list[int], args) -> dict:
     """The peer's training step on the rows align trained on, `--steps` steps of `--micro` rows."""
-    model = lora_wrap(transformers_model(args.preset, args.torch_dtype, args.device)).train()
+    model = lora_wrap(transformers_model(args.preset, args.torch_dtype, args.device), args.routed_experts).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -255,9 +255,9 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
         use_cpu=args.device == "cpu", dataloader_num_workers=0,
     )
     clock = trl_clock(args.device)
+    lora = lora_config(model, r=16, alpha=32.0, routed_experts=args.routed_experts)
     trainer = SFTTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(chats))["train"],
-                         processing_class=load_tokenizer("tiny"), peft_config=lora_config(model, r=16, alpha=32.0),
-                         callbacks=[clock])
+                         processing_class=load_tokenizer("tiny"), peft_config=lora, callbacks=[clock])
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -362,6 +362,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-unpacked", action="store_true", help="no unpacked equal-length run")
     parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
+    parser.add_argument("--checkpointing", default="true", choices=["true", "false"],
+                        help="align's train.gradient_checkpointing (the peers keep theirs on)")
+    parser.add_argument("--routed-experts", action="store_true",
+                        help="LoRA on the routed experts too (lora.routed_experts; peft's target_parameters for peers)")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     args.preset = "tiny" if args.smoke else "deepseek-v2-lite"
@@ -384,7 +388,8 @@ def header(args, docs: list[int]) -> dict:
                                              "peft": peft.__version__},
             "preset": args.preset, "dtype": args.dtype, "packed": True, "max_length": args.max_length,
             "micro_batch": args.micro, "steps": args.steps, "warmup_steps": args.warmup,
-            "baseline_experts": BASELINE_EXPERTS, "lora": {"r": 16, "alpha": 32, "targets": "align default"},
+            "baseline_experts": BASELINE_EXPERTS,
+            "lora": {"r": 16, "alpha": 32, "targets": "align default", "routed_experts": args.routed_experts},
             "documents": {"count": len(docs), "min": min(docs), "median": statistics.median(docs), "max": max(docs)}}
 
 

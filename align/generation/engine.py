@@ -9,22 +9,32 @@ static shapes (finished and empty slots ride along, masked), keeps its counters,
 stop flags on the device, and never reads back to the host. Every `refill_every` steps the host
 reads the finished flags once, collects finished rows and refills their slots from the queue
 (continuous batching): a finished row idles at most refill_every - 1 steps.
+
+Once the queue is empty the batch can only thin (the straggler tail of variable-length completions).
+Then, at a refill point, the live rows are compacted into the lowest slots (their cache rows and
+state moved, `compact_rows`) and the step runs over the first `width` slots only, width shrinking by
+halves (`widths`): the tail's steps cost what their live rows need, not the full batch. Compaction
+moves rows without touching what they compute, so completions are unchanged in distribution.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from align.generation.cache import CacheError, LatentCache
+from align.generation.fold import DecodeWeights
 from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.routing import RoutingRecorder
-from align.generation.sampling import SamplingParams, choose
+from align.generation.sampling import SamplingParams, choose, keyed_uniform, sequence_key, vocab_hashes
 from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_linear_sync_free
 from align.models.config import moe_layers
@@ -43,9 +53,12 @@ class DecodeState:
     done: torch.Tensor  # [slots] finished or empty
     out_tokens: torch.Tensor  # [slots, max_new]
     out_logprobs: torch.Tensor  # [slots, max_new] float32
-    uniform: torch.Tensor  # [slots, V] float32 noise for sampling
+    keys: torch.Tensor  # [slots] the noise key of each slot's sequence (sampling.sequence_key)
+    vocab_hash: torch.Tensor  # [V] sampling.vocab_hashes
     stop_ids: torch.Tensor  # [STOP_PAD * k] padded with -1
     rows: torch.Tensor  # [slots] arange
+
+    SHARED = ("stop_ids", "vocab_hash")  # fields not indexed by slot; every other field is [slots, ...]
 
     @classmethod
     def allocate(cls, slots: int, max_new: int, vocab: int, stops: int, device) -> DecodeState:
@@ -55,12 +68,31 @@ class DecodeState:
             counts=torch.zeros(slots, **long), done=torch.ones(slots, dtype=torch.bool, device=device),
             out_tokens=torch.zeros(slots, max_new, **long),
             out_logprobs=torch.zeros(slots, max_new, dtype=torch.float32, device=device),
-            uniform=torch.zeros(slots, vocab, dtype=torch.float32, device=device),
+            keys=torch.zeros(slots, **long), vocab_hash=vocab_hashes(vocab, device),
             stop_ids=torch.full((stops,), -1, **long), rows=torch.arange(slots, **long),
         )
 
     def shape_key(self) -> tuple[int, int, int]:
         return self.tokens.shape[0], self.out_tokens.shape[1], self.stop_ids.shape[0]
+
+    def per_slot(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name not in self.SHARED]
+
+    def view(self, width: int) -> DecodeState:
+        """The first `width` slots (views: a step over them updates this state in place)."""
+        if width == self.tokens.shape[0]:
+            return self
+        per_slot = set(self.per_slot())
+        return DecodeState(**{f.name: getattr(self, f.name)[:width] if f.name in per_slot else getattr(self, f.name)
+                              for f in fields(self)})
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot src[i]'s state into slot dst[i] (every per-slot field); src slots are left done."""
+        for name in self.per_slot():
+            if name != "rows":  # rows is the identity
+                tensor = getattr(self, name)
+                tensor[dst] = tensor[src]
+        self.done[src] = True
 
 
 class GenerationEngine:
@@ -72,12 +104,18 @@ class GenerationEngine:
     (default: on where the MoE step is sync-free, i.e. bf16 on Hopper). attend_bucket: the attention
     length a graph covers is rounded up to a multiple of this, so graphs are few while attention
     reads about as many rows as are live. compile: torch.compile the decode step (then captured).
+    fold: run live LoRA adapters as folded weights W + ΔW, computed once per call (align/generation/
+    fold.py; default: on CUDA, where it removes the adapters' per-step cost; off on CPU, where the
+    default keeps the unfolded numerics); fold_experts: fold routed-expert adapters too (a copy of the
+    stacked experts, made only when the device has room for it). compact: once no sequence is queued,
+    run the decode step over the live rows only, compacted into the lowest slots (default: on CUDA; off
+    on CPU, where the default keeps the tiny recipes' recorded numerics).
     """
 
     def __init__(
         self, model: nn.Module, *, max_batch: int = 256, max_len: int | None = None, refill_every: int = 8,
         prefill_tokens: int = 4096, cuda_graphs: bool | None = None, attend_bucket: int = 128,
-        compile: bool = False,
+        compile: bool = False, fold: bool | None = None, fold_experts: bool = True, compact: bool | None = None,
     ):
         for name, value in (("max_batch", max_batch), ("refill_every", refill_every),
                             ("prefill_tokens", prefill_tokens), ("attend_bucket", attend_bucket)):
@@ -103,33 +141,50 @@ class GenerationEngine:
         self.graphs: GraphRunner | None = None
         self.recorder: RoutingRecorder | None = None  # routing buffers, allocated by a call that records
         self.recording = False
+        self.fold = self.device.type == "cuda" if fold is None else bool(fold)
+        self.folded = DecodeWeights(experts=fold_experts)  # decode-side W + ΔW buffers, kept between calls
+        self.compact = self.device.type == "cuda" if compact is None else bool(compact)
+        self.width = max_batch  # slots the decode step runs over (the first ones), set per call
 
     # ----------------------------------------------------------------------------- public
     def generate(
         self, prompt_token_ids, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
         top_k: int = 0, n: int = 1, eos_token_id: int | list[int] | None = None, stop_token_ids=(),
-        seed: int | None = None, record_routing: bool = False,
+        seed: int | None = None, record_routing: bool = False, prompt_keys: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Per prompt, n completions (see align.generation.generate for the arguments). record_routing:
-        each Completion also carries the experts its tokens were routed to (align.generation.routing)."""
+        each Completion also carries the experts its tokens were routed to (align.generation.routing).
+        prompt_keys: an integer per prompt (default its index) keying its samples' noise with the seed and
+        sample index, so a prompt's completions do not depend on the batch it came in."""
         request = build_request(
             prompt_token_ids, self.lm.config.vocab_size, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, n=n, eos_token_id=eos_token_id,
             stop_token_ids=stop_token_ids, seed=seed,
         )
-        self._prepare(request, record_routing)
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
-        try:
-            with torch.no_grad():
-                return _Run(self, request).loop()
-        finally:
-            for module, training in modes:
-                module.training = training
+        with self._adapters_folded():  # before _prepare: the graphs' signature sees the folded weights
+            self._prepare(request, record_routing)
+            modes = [(module, module.training) for module in self.model.modules()]
+            self.model.eval()  # no dropout, no balance loss; each module's own mode is restored after
+            try:
+                with torch.no_grad():
+                    return _Run(self, request, prompt_keys).loop()
+            finally:
+                for module, training in modes:
+                    module.training = training
+
+    @contextmanager
+    def _adapters_folded(self):
+        """Live LoRA adapters as folded weights for this call (align/generation/fold.py), when on."""
+        if not self.fold:
+            yield
+            return
+        with self.folded.applied(self.model):
+            yield
 
     def release(self) -> None:
         """Free the cache, decode buffers and graphs (e.g. before a training step)."""
         self.cache = self.state = self.graphs = self.recorder = None
+        self.folded.clear()
 
     def cache_bytes_per_token(self) -> int:
         config = self.lm.config
@@ -171,6 +226,7 @@ class GenerationEngine:
         if request.stop_ids:
             self.state.stop_ids[: len(request.stop_ids)] = torch.tensor(request.stop_ids, device=self.device)
         self.state.done.fill_(True)
+        self.width = slots
 
     def _prepare_recorder(self, record: bool, slots: int, max_new: int) -> None:
         """Routing buffers for a recording call (kept between calls; a new shape drops the graphs)."""
@@ -184,12 +240,16 @@ class GenerationEngine:
         self.recorder.prompts = {}
 
     # ----------------------------------------------------------------------------- the step
-    def step(self, attend_len: int, sampling: SamplingParams, max_new: int, record: bool = False) -> None:
-        """One decode step over all slots: static shapes, device-only state updates."""
-        st = self.state
+    def step(
+        self, attend_len: int, sampling: SamplingParams, max_new: int, record: bool = False, width: int | None = None
+    ) -> None:
+        """One decode step over the first `width` slots (default all): static shapes, device-only updates."""
+        st = self.state.view(width or self.state.tokens.shape[0])
         trace = RoutingTrace() if record else None
         logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len, trace)  # [B, V]
-        token, logprob = choose(logits, sampling, st.uniform)
+        # noise keyed by (sequence, token index), drawn in the step (so in its graph): no generator
+        noise = None if sampling.greedy else keyed_uniform(st.keys, st.counts, st.vocab_hash)
+        token, logprob = choose(logits, sampling, noise)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)
         if record:
@@ -203,19 +263,42 @@ class GenerationEngine:
         st.tokens.copy_(torch.where(running, token, st.tokens))
         st.positions += (running & ~finished).long()
 
-    def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int, generator) -> None:
-        if not sampling.greedy:
-            self.state.uniform.uniform_(generator=generator)  # outside the graph: seeded, one launch
+    def run_step(self, attend_len: int, sampling: SamplingParams, max_new: int) -> None:
+        width = self.width
         record = self.recording
         self.graphs.run(
-            (attend_len, sampling, max_new, record), lambda: self.step(attend_len, sampling, max_new, record)
+            (attend_len, sampling, max_new, record, width),
+            lambda: self.step(attend_len, sampling, max_new, record, width),
         )
+
+    # ----------------------------------------------------------------------------- compaction
+    def widths(self) -> list[int]:
+        """Step widths, largest first: all slots, then halves rounded up to a multiple of 8 (few graphs)."""
+        slots, out = self.state.tokens.shape[0], []
+        width = slots
+        while True:
+            out.append(width)
+            smaller = -(-(width // 2) // 8) * 8
+            if width <= 8 or smaller >= width:
+                return out
+            width = smaller
+
+    def compact_rows(self, src: list[int], dst: list[int], length: int) -> None:
+        """Move slots src[i] into free slots dst[i]: cache positions [0, length), decode state, routing."""
+        if not src:
+            return
+        source = torch.tensor(src, device=self.device)
+        target = torch.tensor(dst, device=self.device)
+        self.cache.copy_prefix(source, target, length)
+        self.state.move(source, target)
+        if self.recording:
+            self.recorder.decoded[:, target] = self.recorder.decoded[:, source]
 
 
 class _Run:
     """Host-side bookkeeping of one generate call: the queue, slot owners, collected results."""
 
-    def __init__(self, engine: GenerationEngine, request: Request):
+    def __init__(self, engine: GenerationEngine, request: Request, prompt_keys: Sequence[int] | None = None):
         self.engine, self.request = engine, request
         self.queue = deque(range(request.sequences))  # sequence s = prompt s // n, sample s % n
         slots = engine.cache.slots
@@ -223,11 +306,11 @@ class _Run:
         self.start = [0] * slots  # step at which the slot's sequence was admitted
         self.results: list[list[Completion | None]] = [[None] * request.n for _ in request.prompts]
         self.step = 0
-        self.generator = torch.Generator(device=engine.device)
-        if request.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(request.seed)
+        keys = range(len(request.prompts)) if prompt_keys is None else list(prompt_keys)
+        if len(keys) != len(request.prompts) or not all(isinstance(k, int) for k in keys):
+            raise ValueError(f"prompt_keys: expected {len(request.prompts)} integers (one per prompt)")
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        self.keys = [sequence_key(seed, keys[s // request.n], s % request.n) for s in range(request.sequences)]
 
     def prompt(self, sequence: int) -> list[int]:
         return self.request.prompts[sequence // self.request.n]
@@ -239,11 +322,30 @@ class _Run:
             live = [s for s, owner in enumerate(self.owner) if owner is not None]
             if not live:
                 return self.results
+            live = self.compact(live)
             max_new = self.request.max_new_tokens
             left = max(max_new - (self.step - self.start[s]) for s in live)  # a row stops by max_new
             for _ in range(min(self.engine.refill_every, left)):
-                self.engine.run_step(self.attend_len(live), self.request.sampling, max_new, self.generator)
+                self.engine.run_step(self.attend_len(live), self.request.sampling, max_new)
                 self.step += 1
+
+    def compact(self, live: list[int]) -> list[int]:
+        """Once nothing is queued: narrow the step to the smallest width holding the live rows, moving
+        those above it into free slots below it. Returns the live slots."""
+        engine = self.engine
+        if not engine.compact or self.queue:
+            return live
+        width = min(w for w in engine.widths() if w >= len(live))
+        if width >= engine.width:
+            return live
+        free = [s for s in range(width) if self.owner[s] is None]
+        src = [s for s in live if s >= width]
+        dst = free[: len(src)]
+        engine.compact_rows(src, dst, self.attend_len(live))
+        for a, b in zip(src, dst, strict=True):
+            self.owner[b], self.start[b], self.owner[a] = self.owner[a], self.start[a], None
+        engine.width = width
+        return sorted(s for s, owner in enumerate(self.owner) if owner is not None)
 
     def attend_len(self, live: list[int]) -> int:
         """A bound on every live row's position + 1, rounded up to the bucket (no host read)."""
@@ -342,6 +444,7 @@ class _Run:
         st.positions[slots] = start
         st.counts[slots] = 0
         st.done[slots] = False
+        st.keys[slots] = torch.tensor([self.keys[q] for _, q in admitted], device=device)
 
 
 def generate(

@@ -1,7 +1,10 @@
 """Batched token choice: greedy, or temperature + top-k + top-p sampling by the Gumbel-max trick.
 
-Static shapes and no host reads (the uniform noise comes in as a tensor the engine fills from a
-seeded torch.Generator before each step), so `choose` runs inside a captured CUDA graph.
+Static shapes and no host reads (the uniform noise comes in as a tensor), so `choose` runs inside a
+captured CUDA graph. The engine fills that noise with `keyed_uniform`: a counter-based hash of (the
+sequence's key, the token position, the vocabulary index), where `sequence_key` folds (seed, prompt
+key, sample index) into the key. A completion is then a function of its own key only, not of which
+slot, batch or process generated it (data-parallel GRPO keys prompts by their index in the step).
 
 Log-probabilities returned for the chosen token are log_softmax(logits / temperature) - the
 temperature-scaled policy, *before* top-k / top-p truncation (temperature 0 = greedy: plain
@@ -38,6 +41,49 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9
+
+
+def mix32(x):
+    """A 32-bit integer hash (lowbias32: xor-shift-multiply, a bijection on [0, 2^32)) of a Python int or
+    an int64 tensor of values in [0, 2^32); the same numbers either way (tensor products wrap in 64 bits,
+    whose low 32 bits are kept)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def _fold(value: int) -> int:
+    """Any Python int -> 32 bits, both halves of its low 64 bits mixed in."""
+    value &= (1 << 64) - 1
+    return mix32(value ^ mix32(value >> 32))
+
+
+def sequence_key(seed: int, prompt_key: int, sample: int) -> int:
+    """The 32-bit noise key of sample `sample` of the prompt keyed `prompt_key`, under `seed`."""
+    key = _fold(seed)
+    key = mix32(key ^ mix32(_fold(prompt_key) + GOLDEN32))
+    return mix32(key ^ mix32(sample + 2 * GOLDEN32))
+
+
+def vocab_hashes(vocab: int, device) -> torch.Tensor:
+    """[V] int64: the per-token-id half of `keyed_uniform`'s hash (fixed: the engine keeps it)."""
+    return mix32(torch.arange(vocab, dtype=torch.long, device=device))
+
+
+def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """keys [B], positions [B] (int64), vocab_hash [V] (`vocab_hashes`) -> uniform noise [B, V] float32 in
+    (0, 1), row b a pure function of (keys[b], positions[b]): static shapes, no host read, graph-safe."""
+    row = mix32(keys ^ mix32(positions + 3 * GOLDEN32))  # [B]
+    x = mix32(vocab_hash[None, :] ^ row[:, None])
+    x = mix32(x + row[:, None])  # second round: rows differ by more than one xor constant
+    return ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23  # 23 bits, in [2^-24, 1 - 2^-24]: never 0 or 1
 
 
 def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

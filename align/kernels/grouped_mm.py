@@ -5,6 +5,10 @@ the rows of x are sorted by expert and expert e owns rows [ends[e-1], ends[e]) (
 counts, int32, the grouped GEMM's offsets). Weights keep the Linear layout
 [E, out, in] (the layout transformers and PEFT use for stacked experts).
 
+`grouped_linear(x, weight, ends, updates)` adds low-rank updates of the weight (LoRA on stacked
+experts) beside the frozen product: x @ (W[e] + s * B[e] @ A[e]).T = x @ W[e].T + s * (x @ A[e].T) @ B[e].T,
+two more grouped products of rank r, so W + dW is never built.
+
 Paths:
 - CUDA, Hopper or newer, bf16, dims multiple of 8: `torch._grouped_mm` (CUTLASS grouped GEMM,
   forward and backward), no host synchronisation.
@@ -14,6 +18,8 @@ Paths:
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -56,8 +62,26 @@ def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x [N, in] sorted by expert, weight [E, out, in], ends [E] int32 -> [N, out]."""
+class LowRank(NamedTuple):
+    """A low-rank update scaling * b[e] @ a[e] of a stacked weight [E, out, in]."""
+
+    a: torch.Tensor  # [E, r, in]
+    b: torch.Tensor  # [E, out, r]
+    scaling: float
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     if _use_grouped_mm(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=ends)
     return grouped_linear_reference(x, weight, ends)
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, updates: tuple[LowRank, ...] = ()
+) -> torch.Tensor:
+    """x [N, in] sorted by expert, weight [E, out, in], ends [E] int32 -> [N, out] (+ the low-rank updates)."""
+    out = _grouped(x, weight, ends)
+    for a, b, scaling in updates:
+        low = _grouped(x, a, ends)  # [N, r]
+        out = out + _grouped(low, b, ends) * scaling
+    return out

@@ -41,7 +41,11 @@ def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, tempera
 
 
 class LinearLogprobs(torch.autograd.Function):
+    """The backward runs under the forward's autocast state (custom_fwd / custom_bwd), so mixed dtypes
+    that autocast reconciled in the forward (float32 hidden states, bf16 head) meet the same casts."""
+
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy=False):
         out = torch.empty(hidden.shape[0], dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         lse = torch.empty_like(out)
@@ -57,6 +61,7 @@ class LinearLogprobs(torch.autograd.Function):
         return out, entropy
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk

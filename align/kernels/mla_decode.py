@@ -21,7 +21,7 @@ import torch
 
 from align.kernels.dispatch import kernel_path, pow2_block, require_contiguous_last_dim
 from align.kernels.rms_norm import rms_norm_reference
-from align.kernels.rope import apply_rope
+from align.kernels.rope import apply_rope_reference
 
 
 def write_latent(
@@ -58,7 +58,7 @@ def write_latent_reference(
     rank = norm_weight.shape[0]
     c, k_pe = kv.split([rank, kv.shape[1] - rank], dim=-1)
     c = rms_norm_reference(c, norm_weight, eps)  # [B, R]
-    k_pe = apply_rope(k_pe, cos, sin, interleaved)  # [B, P]
+    k_pe = apply_rope_reference(k_pe, cos, sin, interleaved)  # [B, P]
     slots = torch.arange(kv.shape[0], device=kv.device)
     rows.index_put_((slots, positions), torch.cat([c, k_pe], dim=-1).to(rows.dtype))
 
@@ -96,7 +96,8 @@ def latent_attention_reference(
     """As latent_attention: scores in float32, probabilities rounded to the cache dtype before the
     value product (as the kernel's tensor-core product does), the product in the cache dtype."""
     batch, rank = q_latent.shape[0], q_latent.shape[2]
-    q = torch.cat([q_latent, apply_rope(q_pe, cos[:, None], sin[:, None], interleaved)], dim=-1)  # [B, h, R+P]
+    q_pe = apply_rope_reference(q_pe, cos[:, None], sin[:, None], interleaved)
+    q = torch.cat([q_latent, q_pe], dim=-1)  # [B, h, R+P]
     rows = rows[:batch]
     scores = latent_scores(q, rows) * scale  # [B, h, T]
     visible = torch.arange(rows.shape[1], device=rows.device)[None] <= positions[:, None]  # [B, T]

@@ -15,49 +15,67 @@ Steps:
   bit for bit.
 
 No step synchronises with the host, so the decode step can be CUDA-graph captured. Training and
-large batches take the references (stable argsort; grouped_linear, align/kernels/grouped_mm.py;
-gather, scale, sum). Without autograd on CUDA the decode sizes take Triton kernels: one program
-counts and ranks all slots (at most SORT_MAX_SLOTS), the combine reads each token's k rows once,
-and the expert MLP (16-bit, at most MAX_TOKENS tokens) is two launches, one program per (expert,
-block of output features): at decode sizes each expert owns a handful of rows and the grouped GEMM's
-large row tiles leave bandwidth unused; here the row tile is as small as the tensor cores allow
-(16), the token gather happens inside the first kernel, the SwiGLU inside its epilogue, and an
-expert without rows reads none of its weights.
+large batches sort and multiply through the references (stable argsort; grouped_linear,
+align/kernels/grouped_mm.py; SwiGLU by align/kernels/swiglu.py). On CUDA in 16-bit the combine is
+one Triton kernel at every size, reading each token's k rows once, with a backward kernel (one
+program per token: the rows' gradients and the routing weights' in one pass) where a gradient flows.
+Without autograd on CUDA the decode sizes also take Triton kernels for the rest: one program counts
+and ranks all slots (at most SORT_MAX_SLOTS), and the expert MLP (16-bit, at most MAX_TOKENS tokens)
+is two launches, one program per (expert, block of output features): at decode sizes each expert
+owns a handful of rows and the grouped GEMM's large row tiles leave bandwidth unused; here the row
+tile is as small as the tensor cores allow (16), the token gather happens inside the first kernel,
+the SwiGLU inside its epilogue, and an expert without rows reads none of its weights.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from align.kernels.dispatch import kernel_path, pow2_block, require_contiguous_last_dim
-from align.kernels.grouped_mm import grouped_linear
+from align.kernels.dispatch import kernel_path, needs_autograd, pow2_block, require_contiguous_last_dim, triton_ready
+from align.kernels.grouped_mm import LowRank, grouped_linear
 from align.kernels.moe_route import SORT_MAX_SLOTS
+from align.kernels.swiglu import swiglu
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
+
+ExpertUpdates = dict[str, tuple[LowRank, ...]]  # "gate_up_proj" / "down_proj" -> low-rank updates (LoRA)
 
 
 def routed_experts(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
+    down_proj: torch.Tensor, updates: ExpertUpdates | None = None,
 ) -> torch.Tensor:
-    """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype."""
+    """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype.
+
+    updates: low-rank updates of the stacked weights (split LoRA), applied beside the frozen products."""
     n_experts = gate_up_proj.shape[0]
     fused = experts.numel() <= SORT_MAX_SLOTS and kernel_path(x, weights, gate_up_proj, down_proj)
     sort = _sort_by_expert_triton if fused else sort_by_expert_reference
     source, position, ends = sort(experts, n_experts)
-    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj)  # [T*k, H], sorted by expert
-    return (_combine_triton if fused else combine_reference)(out, position, weights).to(x.dtype)
+    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj, updates or {})  # [T*k, H], sorted by expert
+    return combine(out, position, weights).to(x.dtype)
+
+
+def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out [T*k, H] sorted rows, position/weights [T, k] -> [T, H]: the Triton kernel on CUDA in 16-bit
+    (with its backward where a gradient flows: training, the same kernel as prefill and decode), else
+    combine_reference."""
+    if not triton_ready(out, half=True):
+        return combine_reference(out, position, weights)
+    if needs_autograd(out, weights):
+        return Combine.apply(out, position, weights)
+    return _combine_triton(out, position, weights)
 
 
 def _expert_mlp(
-    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    updates: ExpertUpdates,
 ) -> torch.Tensor:
     """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype: the MLP of the sorted rows."""
-    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS
+    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS and not any(updates.values())
     if same and kernel_path(x, gate_up_proj, down_proj, half=True):
         return _expert_mlp_triton(x, source, ends, gate_up_proj, down_proj)
-    return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj)
+    return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj, updates)
 
 
 # ----------------------------------------------------------------------------- references
@@ -73,11 +91,14 @@ def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[tor
 
 
 def expert_mlp_reference(
-    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor, source: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    updates: ExpertUpdates | None = None,
 ) -> torch.Tensor:
     """As _expert_mlp, through grouped_linear (training, prefill, and wherever the kernel does not run)."""
-    gate, up = grouped_linear(x[source], gate_up_proj, ends).chunk(2, dim=-1)  # [N, I] each
-    return grouped_linear(F.silu(gate) * up, down_proj, ends)
+    updates = updates or {}
+    gate_up = grouped_linear(x[source], gate_up_proj, ends, updates.get("gate_up_proj", ()))  # [N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return grouped_linear(swiglu(gate, up), down_proj, ends, updates.get("down_proj", ()))
 
 
 def combine_reference(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -123,6 +144,40 @@ def _combine_triton(out: torch.Tensor, position: torch.Tensor, weights: torch.Te
         K=k, BLOCK_H=block,
     )
     return result
+
+
+def _combine_backward_triton(
+    out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of combine: d_out [T*k, H] in out's dtype, d_weights [T, k] float32; one program per token."""
+    from align.kernels import moe_experts_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("combine backward", out=out, grad=grad)
+    tokens, k = position.shape
+    hidden = out.shape[1]
+    d_out = torch.empty(out.shape[0], hidden, dtype=out.dtype, device=out.device)
+    d_weights = torch.empty(tokens, k, dtype=torch.float32, device=out.device)
+    if tokens:
+        moe_experts_triton.combine_backward_kernel[(tokens,)](
+            out, out.stride(0), position.contiguous(), weights.contiguous(), grad, grad.stride(0), d_out, d_weights,
+            hidden, K=k, BLOCK_H=min(pow2_block(hidden), 2048),
+        )
+    return d_out, d_weights.to(weights.dtype)
+
+
+class Combine(torch.autograd.Function):
+    """combine with a gradient for the expert rows and the routing weights (not for position)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(out, position, weights)
+        return _combine_triton(out, position, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, position, weights = ctx.saved_tensors
+        d_out, d_weights = _combine_backward_triton(out, position, weights, grad.contiguous())
+        return d_out, None, d_weights
 
 
 def _row_block(rows: int, experts: int) -> int:

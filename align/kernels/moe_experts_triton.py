@@ -114,3 +114,25 @@ def combine_kernel(
         x = tl.load(out_ptr + row * out_s + cols, mask=cm, other=0.0)
         acc += (x * w).to(tl.float32)
     tl.store(result_ptr + t * H + cols, acc.to(result_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def combine_backward_kernel(
+    out_ptr, out_s, position_ptr, weights_ptr, grad_ptr, grad_s, d_out_ptr, d_weights_ptr, H,
+    K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """For token t: d_out[position[t, j]] = weights[t, j] * grad[t] (each sorted row is one slot, so
+    no atomics) and d_weights[t, j] = sum_h out[position[t, j], h] * grad[t, h], in float32."""
+    t = tl.program_id(0).to(tl.int64)
+    for j in tl.static_range(K):
+        row = tl.load(position_ptr + t * K + j)
+        w = tl.load(weights_ptr + t * K + j).to(out_ptr.dtype.element_ty).to(tl.float32)
+        dot = tl.zeros([BLOCK_H], tl.float32)
+        for start in range(0, H, BLOCK_H):
+            cols = start + tl.arange(0, BLOCK_H)
+            cm = cols < H
+            g = tl.load(grad_ptr + t * grad_s + cols, mask=cm, other=0.0).to(tl.float32)
+            x = tl.load(out_ptr + row * out_s + cols, mask=cm, other=0.0).to(tl.float32)
+            dot += x * g
+            tl.store(d_out_ptr + row * H + cols, (g * w).to(d_out_ptr.dtype.element_ty), mask=cm)
+        tl.store(d_weights_ptr + t * K + j, tl.sum(dot, 0))

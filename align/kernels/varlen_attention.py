@@ -5,8 +5,9 @@ document, or the real tokens of a padded row) flattened to [T, h, d] and the seg
 `cu_seqlens` [N + 1] (int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T); token t of a segment attends to
 tokens 0..t of the same segment. No [S, S] mask is built: on CUDA in 16-bit it is PyTorch's
 FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, forward and backward), which
-needs equal q/k/v head sizes, so MLA's 128-wide values are zero-padded to the 192-wide q·k size and
-the padding cut from the output (exact: the padded columns only ever multiply zeros). Elsewhere
+needs equal q/k/v head sizes, a multiple of 8, so MLA's 128-wide values are zero-padded to the
+192-wide q·k size (and odd sizes of small configs all to the next multiple of 8) and the padding cut
+from the output (exact: the padded columns only ever multiply zeros). Elsewhere
 `varlen_attention_reference`: one causal SDPA per segment, the formula the kernel is tested against.
 """
 
@@ -55,12 +56,14 @@ def flash_varlen_ready(t: torch.Tensor) -> bool:
 def _flash(q, k, v, cu_seqlens, max_len: int, scale: float) -> torch.Tensor:
     fn, causal, takes_scale = _flash_varlen()
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
-    if v_dim < qk_dim:
-        v = F.pad(v, (0, qk_dim - v_dim))  # [T, h, qk]
+    size = -(-max(qk_dim, v_dim) // 8) * 8  # the kernel's head size: equal for q, k, v, a multiple of 8
+    q, k = (F.pad(t, (0, size - qk_dim)) if size > qk_dim else t for t in (q, k))  # zeros add nothing to q·k
+    if v_dim < size:
+        v = F.pad(v, (0, size - v_dim))  # [T, h, size]
     if takes_scale:
         out = fn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **causal)
-    else:  # the kernel's own scale is 1/sqrt(qk): fold the difference into q
-        out = fn(q * (scale * qk_dim**0.5), k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+    else:  # the kernel's own scale is 1/sqrt(size): fold the difference into q
+        out = fn(q * (scale * size**0.5), k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
     return out[..., :v_dim]
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from align.kernels.moe_experts import routed_experts
 from align.kernels.moe_route import greedy_gate, routing_weights
+from align.kernels.swiglu import swiglu
 from align.models.config import num_groups, routing_weight_rule, scoring_func, topk_method
 
 
@@ -42,7 +43,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Routing(NamedTuple):

@@ -234,7 +234,7 @@ class PromptDataSection(DataSourceSection):
 class GRPOSection:
     """Group-relative policy optimisation; option names follow trl.GRPOConfig where the concept is the same."""
 
-    prompts_per_step: int = ranged(16, AT_LEAST_1)  # prompts per generation round (each sampled G times)
+    prompts_per_step: int = ranged(16, AT_LEAST_1)  # prompts per round, global: all processes (divides by them)
     num_generations: int = ranged(8, Range(2))  # G: completions per prompt (a group of one has no baseline)
     max_completion_length: int = ranged(256, AT_LEAST_1)
     temperature: float = ranged(1.0, POSITIVE)
@@ -260,8 +260,8 @@ class GRPOSection:
     # holds prompts_per_step informative groups, at most max_sampling_rounds extra rounds per step
     dynamic_sampling: bool = False
     max_sampling_rounds: int = ranged(4, AT_LEAST_1)
-    micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward
-    rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine
+    micro_batch_size: int = ranged(16, AT_LEAST_1)  # completions per forward / backward, per process
+    rollout_batch: int = ranged(256, AT_LEAST_1)  # decode slots of the rollout engine, per process
     # rounds in a row in which every reward raised or returned None (no learning signal) before the
     # run stops with an error; each such round is a warning
     max_failed_reward_steps: int = ranged(3, AT_LEAST_1)

@@ -16,6 +16,10 @@ Model setup (LoRA or full, the reference), optimizer / scheduler, checkpoints an
 floor's (align.train.run, align.train.setup), as for SFT; the rollout seed is derived from (seed, step),
 so a resumed run continues exactly as an uninterrupted one. `update` is the GRPO update on one round's
 batch; benchmarks drive it with their own batches.
+
+On N processes (accelerate launch / torchrun) each process rolls out, scores and trains its contiguous span
+of the step's prompts, keyed by their index in the step, and what needs every row is gathered
+(align.train.data_parallel, align.train.round_stats): an N-process run logs what one process would.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +39,7 @@ from accelerate import Accelerator
 from align.recipe import GRPOSection, RLRecipe
 from align.train import checkpointing as ckpt
 from align.train import guards, rundir
-from align.train.advantages import group_advantages, reward_std
+from align.train.data_parallel import Gather, gatherer, shared_failure, step_span
 from align.train.dynamic_sampling import fill_groups
 from align.train.evaluate import exact_match_eval, reward_eval
 from align.train.grpo_loss import GRPOLossConfig, grpo_loss, mask_truncated_completions
@@ -42,6 +47,7 @@ from align.train.metrics import progress_bar
 from align.train.moe_metrics import MoEMetrics
 from align.train.order import DataOrder
 from align.train.rollout_batch import RolloutBatch, completion_logprobs, make_batch, policy_pass
+from align.train.round_stats import advantage_metrics, completion_metrics, reward_summary, round_advantages
 from align.train.run import (
     Cadence,
     Log,
@@ -153,13 +159,16 @@ class Rollout:
         )
 
 
-def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer, round_: int = 0) -> Rollout:
-    """G completions per prompt from the engine; seeded by (train seed, step, round: dynamic sampling's)."""
+def rollout(engine, rows: Sequence[dict], recipe: RLRecipe, step: int, tokenizer, round_: int = 0,
+            keys: Sequence[int] | None = None) -> Rollout:
+    """G completions per prompt from the engine; seeded by (train seed, step, round: dynamic sampling's), each
+    prompt's noise keyed by its position in the step (keys: this process's positions; default 0, 1, ...)."""
     g = recipe.grpo
     results = engine.generate(
         [r["prompt_ids"] for r in rows], max_new_tokens=g.max_completion_length, temperature=g.temperature,
         top_p=g.top_p, top_k=g.top_k, n=g.num_generations, eos_token_id=tokenizer.eos_token_id,
         seed=recipe.train.seed * 1_000_003 + step + round_ * 100_000_007, record_routing=True,
+        prompt_keys=None if keys is None else list(keys),
     )
     flat = [(row, c) for row, completions in zip(rows, results, strict=True) for c in completions]
     return Rollout(
@@ -183,34 +192,13 @@ def reward_inputs(ro: Rollout, prompt_column: str) -> tuple[list, list, dict[str
     return prompts, completions, columns
 
 
-def score_rollout(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, dict, str | None]:
-    """Weighted total reward per completion, reward metrics (mean / std per function and total;
-    `rewards/<name>/errors`: 1 when the function raised on this round), and why the round has no reward
-    value at all (None when it has one)."""
-    from rewards import reward_metrics, score
+def score_local(rewards, ro: Rollout, recipe: RLRecipe) -> tuple[torch.Tensor, tuple[list, dict, dict]]:
+    """(weighted total reward per completion, (totals, per-function scores, errors)) of this process's rows."""
+    from rewards import score
 
     prompts, completions, columns = reward_inputs(ro, recipe.data.prompt_column)
     totals, per_function, errors = score(rewards, prompts, completions, columns)
-    metrics: dict = reward_metrics(per_function, errors, totals)
-    reward = torch.tensor(totals, dtype=torch.float32)
-    return reward, metrics, guards.reward_failure(per_function, errors)
-
-
-def advantage_metrics(reward: torch.Tensor, advantages: torch.Tensor, recipe: RLRecipe) -> dict[str, float]:
-    g = recipe.grpo
-    std = reward_std(reward, g.num_generations, g.scale_rewards)
-    return {"advantages/mean": advantages.mean().item(), "advantages/std": advantages.std().item(),
-            "advantages/abs_max": advantages.abs().max().item(),
-            "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
-
-
-def completion_metrics(ro: Rollout, mask: torch.Tensor) -> dict[str, float]:
-    lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float32)
-    sampled = [lp for row in ro.sample_logprobs for lp in row]
-    return {"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
-            "completions/truncated_fraction": sum(f == "length" for f in ro.finish) / max(len(ro.finish), 1),
-            "completions/masked_fraction": (mask.sum(-1) == 0).float().mean().item(),
-            "completions/sampled_nll": -sum(sampled) / max(len(sampled), 1)}  # mean −log p of sampled tokens
+    return torch.tensor(totals, dtype=torch.float32), (totals, per_function, errors)
 
 
 # ---------------------------------------------------------------------------------------- update
@@ -258,28 +246,24 @@ def replays(g: GRPOSection, batch: RolloutBatch) -> bool:
 
 
 def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection, max_grad_norm: float | None,
-                   head, observe: MoEMetrics | None = None) -> tuple[dict[str, float], bool]:
+                   head, observe: MoEMetrics | None = None, gather: Gather = list) -> tuple[dict[str, float], bool]:
     """One optimizer step over every completion of the round (gradient accumulation over micro-batches):
     (its metrics, whether it was skipped: not applied because the loss or gradient norm is NaN / inf).
     The MoE balance loss (train.aux_loss_alpha, in training mode) is added per micro-batch / their count,
-    as TRL adds router_aux_loss_coef · aux; observe: collects the routing metrics of these forwards."""
+    as TRL adds router_aux_loss_coef · aux; observe: collects the routing metrics of these forwards.
+    Several processes (DDP / FSDP average their gradients): dapo's token count is the global batch's and the
+    loss is scaled as TRL scales it per process, so the update and the metrics are one process's."""
     accelerator, size = setup.accelerator, g.micro_batch_size
     starts = list(range(0, len(batch), size))
-    n_items = batch.loss_mask.sum()
+    n_items = batch.loss_mask.sum()  # dapo's token count: of the global batch (all-reduced on the device)
+    if accelerator.num_processes > 1:
+        n_items = accelerator.reduce(n_items, reduction="sum")
     total, parts = 0.0, []
-    for start in starts:
+    for m, start in enumerate(starts):
         part = batch.rows(start, start + size)
-        with accelerator.autocast():
-            out = policy_pass(setup.model, head, part, g.temperature, replay=replays(g, part),
-                              observe=observe is not None)
-        loss, metrics = grpo_loss(
-            out.logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
-            grad_accum_steps=len(starts), entropies=out.entropy,
-        )
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss / len(starts)
-            metrics["aux_loss"] = out.aux_loss.detach()
-        accelerator.backward(loss)
+        with setup.grad_sync(m == len(starts) - 1):  # forward and backward: DDP reads it in both
+            out, loss, metrics = micro_batch_loss(setup, head, part, cfg, g, n_items, len(starts), observe)
+            accelerator.backward(loss)
         total += loss.item()  # micro-batch losses sum to the step's objective
         metrics["entropy"] = (out.entropy * part.token_mask).sum() / part.token_mask.sum().clamp(min=1)
         parts.append((part.loss_mask.sum().item(), {k: v.item() for k, v in metrics.items()}))
@@ -287,12 +271,30 @@ def optimizer_step(setup: Setup, batch: RolloutBatch, cfg: GRPOLossConfig, g: GR
             observe.add(out, part)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    skipped = guards.any_nonfinite(torch.tensor([total, norm.item()]), accelerator)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    totals = gather([total])  # each process's share of the objective, scaled for DDP's average
+    total = sum(totals) / len(totals)
+    skipped = guards.any_nonfinite(torch.tensor([total, norm]), accelerator)
     if not skipped:
         setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": norm.item(), **merge_metrics(parts)}, bool(skipped)
+    return {"loss": total, "grad_norm": norm, **merge_metrics(gather(parts))}, bool(skipped)
+
+
+def micro_batch_loss(setup: Setup, head, part: RolloutBatch, cfg: GRPOLossConfig, g: GRPOSection, n_items,
+                     micro_batches: int, observe: MoEMetrics | None):
+    """(policy pass, loss, metrics) of one micro-batch of `micro_batches`."""
+    with setup.accelerator.autocast():
+        out = policy_pass(setup.model, head, part, g.temperature, replay=replays(g, part), observe=observe is not None)
+    loss, metrics = grpo_loss(
+        out.logps, part.old_logps, part.ref_logps, part.advantages, part.loss_mask, cfg, n_items,
+        grad_accum_steps=micro_batches, num_processes=setup.accelerator.num_processes, entropies=out.entropy,
+    )
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss / micro_batches
+        metrics["aux_loss"] = out.aux_loss.detach()
+    return out, loss, metrics
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -310,24 +312,25 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
     return out
 
 
-def update(setup: Setup, batch: RolloutBatch, g: GRPOSection,
-           max_grad_norm: float | None) -> tuple[dict[str, float], list[dict[str, float]]]:
+def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: float | None,
+           gather: Gather = list) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
     optimizer steps over `batch`. Returns the mean of their metrics (with the first step's routing
     metrics, align.train.moe_metrics, under their own `policy/` and `moe/` names), and the loss / grad
-    norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after."""
+    norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after.
+    gather (align.train.data_parallel.gatherer): with several processes, their metrics are combined."""
     head = setup.unwrapped.get_output_embeddings()
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
     observe = MoEMetrics(setup.unwrapped.config)
-    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head, observe if i == 0 else None)
+    steps = [optimizer_step(setup, batch, cfg, g, max_grad_norm, head, observe if i == 0 else None, gather)
              for i in range(g.num_iterations)]
     batch.routing = None
     runs = [r for r, _ in steps]
     skipped = [{"train/loss": r["loss"], "train/grad_norm": r["grad_norm"]} for r, was in steps if was]
     out = {k: _nanmean([r[k] for r in runs]) for k in runs[0]}
     out["lr"] = setup.optimizer.param_groups[0]["lr"]
-    out.update(observe.summary())
+    out.update(observe.summary(gather))
     return out, skipped
 
 
@@ -350,17 +353,21 @@ class Run:
     recipe: RLRecipe
     log: Log
     say: Say
+    span: range  # this process's positions in each step's prompts (data_parallel.step_span)
+    gather: Gather  # every process's values (data_parallel.gatherer)
 
 
 def _run_rl(recipe: RLRecipe) -> dict:
     from align.generation import GenerationEngine
 
     accelerator = make_accelerator(recipe)
-    if accelerator.num_processes > 1:
-        raise ValueError("align rl runs in one process (multi-process GRPO is not built yet); "
-                         "launch it without accelerate launch / torchrun")
-    opened, say = prepare_run(recipe, accelerator)
     g, t = recipe.grpo, recipe.train
+    span = step_span(g.prompts_per_step, accelerator)
+    if accelerator.num_processes > 1 and g.dynamic_sampling:
+        raise ValueError("grpo.dynamic_sampling runs in one process for now (its extra rounds would give the "
+                         "processes different micro-batch counts); set grpo.dynamic_sampling=false or launch "
+                         "one process")
+    opened, say = prepare_run(recipe, accelerator)
     with rundir.removed_on_failure(opened, accelerator):
         tokenizer = load_tokenizer_for(recipe)
         data = prepare_prompts(recipe, tokenizer, accelerator, say)
@@ -369,6 +376,7 @@ def _run_rl(recipe: RLRecipe) -> dict:
                             say, opened.resume, run_steps=t.steps)
         write_recipe(opened, recipe, accelerator)
     engine = GenerationEngine(setup.model, max_batch=g.rollout_batch)
+    say(f"{accelerator.num_processes} process(es), {setup.distribution}, {len(span)} prompts each per round")
     say(f"GRPO: {t.steps} rounds of {g.prompts_per_step} prompts x {g.num_generations} completions "
         f"(<= {g.max_completion_length} tokens), {g.num_iterations} optimizer step(s) each, loss {g.loss_type}, "
         f"beta {g.beta}; rewards: {', '.join(f'{r.name} x{r.weight:g}' for r in rewards)}; device {accelerator.device}")
@@ -377,7 +385,7 @@ def _run_rl(recipe: RLRecipe) -> dict:
     if g.beta > 0:
         setup.keep_reference(recipe)
     with feedback(recipe, setup, opened.path) as log:
-        return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say))
+        return train_loop(Run(setup, engine, rewards, data, tokenizer, recipe, log, say, span, gatherer(accelerator)))
 
 
 OWN_NAMES = ("policy/", "moe/")  # update metrics logged under their own names, not train/
@@ -399,26 +407,34 @@ def rl_step(run: Run, step: int, order: DataOrder) -> Round:
     """One round: rollout, rewards, advantages, update."""
     recipe = run.recipe
     clock = time.perf_counter()
-    ro = rollout(run.engine, [run.data.train[i] for i in order.step_rows(step)], recipe, step, run.tokenizer)
-    generated = time.perf_counter()
-    reward, metrics, failure = score_rollout(run.rewards, ro, recipe)
+    rows = order.step_rows(step)
+    with shared_failure(run.setup.accelerator, f"step {step + 1}: the rollout or its rewards"):
+        with run.setup.whole_weights():
+            ro = rollout(run.engine, [run.data.train[rows[i]] for i in run.span], recipe, step, run.tokenizer,
+                         keys=run.span)
+        generated = time.perf_counter()
+        reward, scores = score_local(run.rewards, ro, recipe)
+    metrics, failure = reward_summary(run.gather([scores]))
     if recipe.grpo.dynamic_sampling:  # extra rounds: generation and scoring, timed together
         topped = time.perf_counter()
         ro, reward, sampled = dynamic_round(run, step, order, ro, reward)
         metrics.update({**sampled, "time/dynamic_sampling": time.perf_counter() - topped})
-    advantages = group_advantages(reward, recipe.grpo.num_generations, recipe.grpo.scale_rewards)
+    everything, advantages = round_advantages(reward, recipe, run.gather, run.setup.accelerator.process_index)
     scored = time.perf_counter()
-    batch = batch_for(ro, advantages, recipe, run.tokenizer, run.setup.accelerator.device)
+    batch = batch_for(ro, advantages[1], recipe, run.tokenizer, run.setup.accelerator.device)
     ro.routing = None  # the batch holds it until the update frees it
-    updates, skipped = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm)
+    updates, skipped = update(run.setup, batch, recipe.grpo, recipe.train.max_grad_norm, run.gather)
     done = time.perf_counter()
     metrics.update({k if k.startswith(OWN_NAMES) else f"train/{k}": v for k, v in updates.items()})
-    metrics.update(advantage_metrics(reward, advantages, recipe))
-    metrics.update(completion_metrics(ro, batch.loss_mask.cpu()))
-    tokens = sum(len(c) for c in ro.completion_ids)
-    metrics.update({"time/generation": generated - clock, "time/scoring": scored - generated,
+    metrics.update(advantage_metrics(everything, advantages[0], recipe))
+    metrics.update(completion_metrics(ro.completion_ids, ro.finish, ro.sample_logprobs, batch.loss_mask.cpu(),
+                                      run.gather))
+    # every process's completions over the slowest process's generation phase: the run's rate
+    phases = run.gather([(sum(len(c) for c in ro.completion_ids), generated - clock)])
+    tokens, generation_s = sum(t for t, _ in phases), max(s for _, s in phases)
+    metrics.update({"time/generation": generation_s, "time/scoring": scored - generated,
                     "time/update": done - scored, "time/step": done - clock,
-                    "time/generated_tokens_per_s": tokens / max(generated - clock, 1e-9)})
+                    "time/generated_tokens_per_s": tokens / max(generation_s, 1e-9)})
     return Round(metrics, ro, reward, skipped, failure)
 
 
@@ -431,7 +447,7 @@ def dynamic_round(run: Run, step: int, order: DataOrder, ro: Rollout,
     def sample(round_: int) -> tuple[Rollout, torch.Tensor]:
         rows = [run.data.train[i] for i in order.extra_rows(step, round_)]
         extra = rollout(run.engine, rows, run.recipe, step, run.tokenizer, round_)
-        return extra, score_rollout(run.rewards, extra, run.recipe)[0]
+        return extra, score_local(run.rewards, extra, run.recipe)[0]
 
     return fill_groups((ro, reward), sample, lambda parts: Rollout.take(parts, g.num_generations),
                        g.prompts_per_step, g.num_generations, g.max_sampling_rounds, run.setup.accelerator)
@@ -439,6 +455,8 @@ def dynamic_round(run: Run, step: int, order: DataOrder, ro: Rollout,
 
 def write_samples(run: Run, step: int, ro: Rollout, reward: torch.Tensor) -> None:
     """Append the first prompts of the round, with every completion and its reward, to completions.jsonl."""
+    if not run.setup.accelerator.is_main_process:  # its rows are the step's first prompts
+        return
     g = run.recipe.grpo.num_generations
     n = min(run.recipe.train.samples_per_log, len(ro.rows) // g) * g
     with (Path(run.recipe.output.run_dir) / "completions.jsonl").open("a", encoding="utf-8") as f:
@@ -454,8 +472,10 @@ def exact_match(run: Run) -> dict[str, float]:
     if not (e.exact_match and run.data.eval_rows):
         return {}
     rows = run.data.eval_rows[: e.samples] if e.samples else run.data.eval_rows
-    score, samples = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens, e.batch_size,
-                                      run.setup.accelerator, engine=e.engine, keep=len(rows) if e.rewards else 5)
+    with run.setup.whole_weights() if e.engine else nullcontext():
+        score, samples = exact_match_eval(run.setup.unwrapped, run.tokenizer, rows, e.max_new_tokens,
+                                          e.batch_size, run.setup.accelerator, engine=e.engine,
+                                          keep=len(rows) if e.rewards else 5)
     return {"eval/exact_match": score, **(reward_eval(run.rewards, samples) if e.rewards else {})}
 
 
@@ -494,7 +514,7 @@ def train_loop(run: Run) -> dict:
         if cadence.save(done):
             save_checkpoint(run.setup, done, run.tokenizer, recipe,
                             {"rows_consumed": done * recipe.grpo.prompts_per_step, "total_steps": t.steps,
-                             "world_size": 1, **watch.state()})
+                             "world_size": run.setup.accelerator.num_processes, **watch.state()})
     bar.close()
     return finish(run, first, watch)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from align.models.split_lora import split_adapters
+
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
@@ -77,8 +79,11 @@ def lora_config(
 
 
 def apply_lora(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
-    """Wrap `model` (in place) with fresh LoRA adapters; only they are trainable."""
-    return get_peft_model(model, config)
+    """Wrap `model` (in place) with fresh LoRA adapters; only they are trainable. In align's model the
+    MLP and expert adapters run split, (x·A)·B beside the frozen product (align/models/split_lora.py)."""
+    peft_model = get_peft_model(model, config)
+    split_adapters(peft_model)
+    return peft_model
 
 
 def trainable_summary(model: torch.nn.Module) -> str:

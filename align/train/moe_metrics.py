@@ -59,16 +59,23 @@ class MoEMetrics:
         shared = hits.gather(1, own).sum(-1)  # [T]: engine choices the gate also picks
         return torch.stack([(shared * routed).sum(), routed.sum() * engine.shape[1]]).float()
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, gather=list) -> dict[str, float]:
+        """The metrics; gather (align.train.data_parallel.gatherer): over every process's micro-batches."""
         out: dict[str, float] = {}
-        sums = {k: v.tolist() for k, v in self.sums.items()}
+        sums = _added(gather([{k: v.tolist() for k, v in self.sums.items()}]))
+        loads = _added(gather([{layer: load.tolist() for layer, load in self.load.items()}]))
         if "mismatch" in sums:
             out["policy/logprob_mismatch"] = sums["mismatch"][0] / max(sums["mismatch"][1], 1.0)
         if sums.get("agreement", [0, 0])[1]:
             out["moe/routing_agreement"] = sums["agreement"][0] / sums["agreement"][1]
-        if self.load:
-            out.update(load_metrics({layer: load.tolist() for layer, load in self.load.items()}))
+        if loads:
+            out.update(load_metrics(loads))
         return out
+
+
+def _added(parts: list[dict]) -> dict:
+    """Dicts of equal-length number lists (one per process) -> one dict, the lists added elementwise."""
+    return {k: [sum(values) for values in zip(*(p[k] for p in parts), strict=True)] for k in parts[0]}
 
 
 def load_metrics(loads: dict[int, list[int]]) -> dict[str, float]:

@@ -36,7 +36,9 @@ def build_optimizer(
     groups = param_groups(model.named_parameters(), weight_decay)
     if not any(group["params"] for group in groups):
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
+    # one fused kernel per step on the GPU (steps counted on the device); the CPU keeps the foreach path
+    fused = all(p.is_cuda for group in groups for p in group["params"]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=fused)
 
 
 def _warmup(step: int, warmup: int) -> float | None:

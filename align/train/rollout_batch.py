@@ -137,7 +137,7 @@ def policy_pass(
     if replay or observe:
         if replay and batch.routing is None:
             raise ValueError("routing replay needs the engine's recorded routing (generate(record_routing=True))")
-        config = model.config
+        config = getattr(model, "module", model).config  # DDP keeps the model in .module
         trace = RoutingTrace(replay=batch.replay(moe_layers(config)) if replay else None, own_choice=observe)
     out = model(input_ids=batch.input_ids, return_logits=False, routing=trace, token_mask=batch.real_tokens())
     logps, entropy = _gather_logprobs(out.last_hidden_state, head, batch, temperature, with_entropy)

@@ -137,6 +137,34 @@ class Setup:
             with self.model.no_sync():
                 yield
 
+    @contextmanager
+    def whole_weights(self) -> Iterator[None]:
+        """Every weight whole on this process for the duration: for the rollout engine and greedy eval, which
+        call the model's modules outside FSDP's forward. FSDP2 gathers each sharded module's parameters
+        (unshard; kept through forwards run meanwhile) and frees them after (reshard): one replica of the
+        weights per process while it lasts. DDP and one process hold them whole already."""
+        if not self.sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        root = self.model
+        layers = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+        # before any forward (the first rollout), a layer's forward would make that layer FSDP's root: settle
+        # the root as its first forward does (torch 2.13 has no public call for it)
+        root._get_fsdp_state()._lazy_init()
+        for module in layers:
+            module.set_reshard_after_forward(False, recurse=False)
+        for module in [root, *layers]:
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in [root, *layers]:
+                module.reshard()
+            for module in layers:
+                module.set_reshard_after_forward(True, recurse=False)
+
     def save(self, out: Path, tokenizer) -> None:
         """The weights (+ tokenizer) of a checkpoint, into its temporary directory `out`; every process calls it."""
         raise NotImplementedError
@@ -184,9 +212,13 @@ class FullSetup(Setup):
         return self.unwrapped
 
     def keep_reference(self, recipe: RecipeBase) -> None:
-        """A frozen copy of the starting weights (a resumed run reloads them from the recipe's model)."""
+        """A frozen copy of the starting weights (a resumed run reloads them from the recipe's model); sharded
+        as the policy is under FSDP, so no process holds it whole."""
         device = self.accelerator.device
-        start = load_base_model(recipe, device) if self.resume is not None else copy.deepcopy(self.model)
+        if self.sharded:
+            start = wrap_model(load_base_model(recipe, device), "fsdp", self.accelerator)
+        else:
+            start = load_base_model(recipe, device) if self.resume is not None else copy.deepcopy(self.model)
         self.frozen = start.eval().requires_grad_(False)
 
     @contextmanager
@@ -194,6 +226,8 @@ class FullSetup(Setup):
         if self.frozen is None:
             raise RuntimeError("FullSetup.reference: call keep_reference before training starts")
         yield self.frozen
+        if self.sharded:  # its root stays gathered after a forward (wrap_model); no backward reshards it
+            self.frozen.reshard()
 
 
 @dataclass
@@ -234,7 +268,7 @@ class LoRASetup(Setup):
     def reference(self) -> Iterator[torch.nn.Module]:
         """The live model with its adapters disabled: the base."""
         with self.unwrapped.disable_adapter():
-            yield self.model
+            yield self.unwrapped  # not DDP's wrapper: a forward without gradient needs no gradient sync
 
 
 @dataclass
@@ -357,7 +391,9 @@ def wrap_model(model, distribution: str, accelerator: Accelerator):
 
         for layer in model.model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        # the root's own weights (embeddings, norm, head) stay gathered from forward to backward: GRPO applies
+        # the head outside the forward (the fused log-prob kernel), and backward needs them again first thing
+        fully_shard(model, reshard_after_forward=False)
     return model
 
 

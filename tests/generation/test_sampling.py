@@ -96,3 +96,35 @@ def test_eos_and_stop_ids_end_rows_and_are_kept(tiny):
                            stop_token_ids=[stop])
     assert by_stop.token_ids == free.token_ids[: free.token_ids.index(stop) + 1]
     assert free.finish_reason == "length"
+
+
+def test_completions_do_not_depend_on_batching_or_order(tiny):
+    """Noise is keyed per sequence (seed, prompt key, sample, position): a prompt's completions are the same
+    whether it is generated alone, in another order, in other slot counts, or as a shard with its keys."""
+    from align.generation import GenerationEngine
+
+    kwargs = {"max_new_tokens": 6, "temperature": 1.0, "n": 3, "seed": 5}
+    ids = lambda res: [[c.token_ids for c in row] for row in res]
+    whole = ids(GenerationEngine(tiny, max_batch=9).generate(PROMPTS, **kwargs))
+    small = ids(GenerationEngine(tiny, max_batch=2, refill_every=1).generate(PROMPTS, **kwargs))
+    assert small == whole
+    order = [2, 0, 1]
+    shuffled = GenerationEngine(tiny).generate([PROMPTS[i] for i in order], prompt_keys=order, **kwargs)
+    assert ids(shuffled) == [whole[i] for i in order]
+    engine = GenerationEngine(tiny, max_batch=3)
+    shards = [ids(engine.generate(PROMPTS[a:b], prompt_keys=list(range(a, b)), **kwargs)) for a, b in ((0, 1), (1, 3))]
+    assert shards[0] + shards[1] == whole
+    assert len({tuple(c) for row in whole for c in row}) > 1  # the samples of a prompt differ
+
+
+def test_keyed_uniform_is_uniform_and_one_hash_for_ints_and_tensors():
+    from align.generation.sampling import keyed_uniform, mix32, vocab_hashes
+
+    values = [0, 1, 12345, 2**32 - 1]
+    assert mix32(torch.tensor(values)).tolist() == [mix32(v) for v in values]
+    u = keyed_uniform(torch.arange(64), torch.full((64,), 3), vocab_hashes(1000, "cpu"))
+    assert u.shape == (64, 1000) and u.dtype == torch.float32
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    again = keyed_uniform(torch.arange(64), torch.full((64,), 4), vocab_hashes(1000, "cpu"))
+    assert (u != again).float().mean() > 0.99  # the next position draws afresh

@@ -70,3 +70,19 @@ def test_entropy_matches_reference_and_leaves_the_gradient_alone(chunk, temperat
     grads = torch.autograd.grad(logp.sum(), (hidden, weight))
     for a, b in zip(grads, torch.autograd.grad(plain.sum(), (hidden, weight)), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast")
+def test_backward_under_autocast_with_mixed_dtypes():
+    """float32 hidden states and a bf16 head, reconciled by autocast in the forward (as under DDP with
+    bf16 mixed precision): the backward meets the same casts and matches the float32 reference."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 32, generator=gen).cuda().requires_grad_()
+    weight = (torch.randn(300, 32, generator=gen) / 6).cuda().bfloat16()
+    targets = torch.randint(0, 300, (40,), generator=gen).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logp = linear_logprobs(hidden, weight, targets, chunk=16)
+    logp.sum().backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    linear_logprobs_reference(ref_hidden, weight.float(), targets).sum().backward()
+    assert torch.linalg.norm(hidden.grad - ref_hidden.grad) < 0.05 * torch.linalg.norm(ref_hidden.grad)

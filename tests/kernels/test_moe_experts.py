@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from align.kernels.moe_experts import (
+    Combine,
     _combine_triton,
     _expert_mlp_triton,
     _sort_by_expert_triton,
@@ -50,6 +51,26 @@ def test_combine_matches_reference(dtype, tokens, k, hidden):
     ref = combine_reference(out, position, weights)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k,hidden", [(64, 6, 2048), (3, 2, 40), (5, 1, 3000)])
+def test_combine_backward_matches_reference(dtype, tokens, k, hidden):
+    """Gradients of the rows and of the routing weights, against the reference in float64."""
+    gen = torch.Generator().manual_seed(hidden + 1)
+    out = torch.randn(tokens * k, hidden, generator=gen).to(dtype)
+    position = torch.randperm(tokens * k, generator=gen).view(tokens, k)
+    weights = torch.rand(tokens, k, generator=gen)
+    grad = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    leaves = [out.to(DEVICE).clone().requires_grad_(), weights.to(DEVICE).clone().requires_grad_()]
+    Combine.apply(leaves[0], position.to(DEVICE), leaves[1]).backward(grad.to(DEVICE))
+    ref_leaves = [out.double().requires_grad_(), weights.double().requires_grad_()]
+    combine_reference(ref_leaves[0], position, ref_leaves[1]).backward(grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for ours, ref in zip(leaves, ref_leaves, strict=True):
+        assert ours.grad.dtype == ours.dtype
+        scale = ref.grad.abs().max()
+        torch.testing.assert_close(ours.grad.double().cpu() / scale, ref.grad / scale, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

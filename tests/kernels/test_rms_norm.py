@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.kernels.rms_norm import _add_rms_norm_triton, add_rms_norm_reference
+from align.kernels.rms_norm import RMSNormFunction, _add_rms_norm_triton, add_rms_norm_reference, rms_norm_reference
 from align.models.norm import RMSNorm
 from tests.kernels.conftest import DEVICE, DTYPES
 
@@ -26,4 +26,26 @@ def test_add_rms_norm_matches_reference(dtype, shape, with_delta):
     torch.testing.assert_close(normed, ref_normed, rtol=tol, atol=tol)
     norm = RMSNorm(shape[-1], eps=1e-6).to(DEVICE, dtype)
     norm.weight.data.copy_(weight)
-    torch.testing.assert_close(add_rms_norm_reference(x, None, weight, 1e-6)[1], norm(x), rtol=0, atol=0)
+    torch.testing.assert_close(add_rms_norm_reference(x, None, weight, 1e-6)[1], norm(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 2048), (130, 40), (1, 512), (0, 16)])
+def test_rms_norm_forward_and_backward(dtype, shape):
+    """The training kernels (forward keeps 1/rms; backward dx and dw) against the reference in float64."""
+    gen = torch.Generator().manual_seed(shape[-1] + 7)
+    x = (3 * torch.randn(*shape, generator=gen)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    dy = torch.randn(*shape, generator=gen).to(dtype)
+    leaves = [x.to(DEVICE).clone().requires_grad_(), weight.to(DEVICE).clone().requires_grad_()]
+    y = RMSNormFunction.apply(*leaves, 1e-6)
+    y.backward(dy.to(DEVICE))
+    ref_leaves = [x.double().requires_grad_(), weight.double().requires_grad_()]
+    ref = rms_norm_reference(*ref_leaves, 1e-6)
+    ref.backward(dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double().cpu(), ref.detach(), rtol=tol, atol=tol)
+    for ours, want in zip(leaves, ref_leaves, strict=True):
+        scale = max(1.0, float(want.grad.abs().max())) if want.grad.numel() else 1.0
+        torch.testing.assert_close(ours.grad.double().cpu() / scale, want.grad / scale, rtol=tol, atol=tol)

@@ -32,13 +32,15 @@ TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_sft.yaml"
 
 
 def two_processes(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    return launch_two("sft", TINY, [*BASE, *overrides, f"output.run_dir={run_dir}"])
+
+
+def launch_two(command: str, recipe: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`align <command> <recipe> <args>` in two processes, as torchrun launches it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "align.cli", "sft", str(TINY),
-        *BASE, *overrides, f"output.run_dir={run_dir}",
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    line = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "align.cli", command, str(recipe), *args]
+    return subprocess.run(line, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def one_process(run_dir: Path, overrides: list[str]) -> None:

@@ -1,0 +1,37 @@
+"""The issue-19 benchmark entry points run end to end at their CPU smoke size (the GPU numbers come from the
+same code: bench/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=600)
+
+
+def test_profile_rl_generation_smoke(tmp_path):
+    out = tmp_path / "profile.json"
+    run("profile_rl_generation.py", "--smoke", "--out", str(out), "--mean-len", "6", "--compact", "on")
+    result = json.loads(out.read_text())
+    [step] = result["steps"]
+    assert step["decode_steps"] == len(step["steps"]) > 0 and step["generated_tokens"] > 0
+    assert step["engine"]["compact"] and min(row["width"] for row in step["steps"]) < result["rollout_batch"]
+    assert step["prefill"]["passes"] >= 1 and step["time/update"] > 0
+
+
+def test_bench_grpo_variable_lengths_smoke(tmp_path):
+    out = tmp_path / "grpo.json"
+    run("bench_grpo.py", "--smoke", "--skip-trl", "--lengths", "variable", "--completion-len", "24",
+        "--mean-len", "10", "--out", str(out))
+    variable = json.loads(out.read_text())["align"]["variable"]
+    assert 0 < variable["ratio"] and variable["fixed_length"] == round(variable["lengths"]["mean"])
+    assert variable["lengths"]["max"] <= 24 and variable["lengths"]["min"] < variable["lengths"]["max"]
