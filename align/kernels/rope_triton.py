@@ -16,6 +16,14 @@ def _pair_offsets(half, INTERLEAVED: tl.constexpr, BLOCK_HEADS: tl.constexpr, BL
 
 
 @triton.jit
+def _angles(cos_ptr, sin_ptr, t, j, half):
+    """Token t's cos / sin at pair indices j, in float32."""
+    c = tl.load(cos_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
 def rope_forward_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, x_tok, x_head, out_tok, out_head, n_heads, half,
     INTERLEAVED: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -27,8 +35,7 @@ def rope_forward_kernel(
     row = x_ptr + t * x_tok + heads * x_head
     a = tl.load(row + first, mask=m, other=0.0).to(tl.float32)
     b = tl.load(row + second, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
+    c, s = _angles(cos_ptr, sin_ptr, t, j, half)
     dest = out_ptr + t * out_tok + heads * out_head
     tl.store(dest + j, (a * c - b * s).to(out_ptr.dtype.element_ty), mask=m)
     tl.store(dest + half + j, (b * c + a * s).to(out_ptr.dtype.element_ty), mask=m)
@@ -46,8 +53,7 @@ def rope_backward_kernel(
     row = dout_ptr + t * d_tok + heads * d_head
     d1 = tl.load(row + j, mask=m, other=0.0).to(tl.float32)
     d2 = tl.load(row + half + j, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + t * half + j, mask=j < half, other=0.0).to(tl.float32)
+    c, s = _angles(cos_ptr, sin_ptr, t, j, half)
     dest = dx_ptr + t * dx_tok + heads * dx_head
     tl.store(dest + first, (d1 * c + d2 * s).to(dx_ptr.dtype.element_ty), mask=m)
     tl.store(dest + second, (d2 * c - d1 * s).to(dx_ptr.dtype.element_ty), mask=m)
