@@ -34,7 +34,7 @@ from align.generation.forward import decode_logits, prefill, unwrap
 from align.generation.graphs import GraphRunner, model_signature
 from align.generation.requests import Completion, Request, build_request
 from align.generation.routing import RoutingRecorder
-from align.generation.sampling import SamplingParams, choose, keyed_uniform, sequence_key, vocab_hashes
+from align.generation.sampling import SamplingParams, choose, keyed_noise, sequence_key, vocab_hashes
 from align.kernels.dispatch import triton_enabled
 from align.kernels.grouped_mm import grouped_linear_sync_free
 from align.models.config import moe_layers
@@ -248,7 +248,7 @@ class GenerationEngine:
         trace = RoutingTrace() if record else None
         logits = self.decode(self.lm, self.cache, st.tokens, st.positions, attend_len, trace)  # [B, V]
         # noise keyed by (sequence, token index), drawn in the step (so in its graph): no generator
-        noise = None if sampling.greedy else keyed_uniform(st.keys, st.counts, st.vocab_hash)
+        noise = None if sampling.greedy else keyed_noise(st.keys, st.counts, st.vocab_hash)
         token, logprob = choose(logits, sampling, noise)
         running = ~st.done  # [B]
         col = st.counts.clamp(max=max_new - 1)

@@ -1,7 +1,7 @@
 """Batched token choice: greedy, or temperature + top-k + top-p sampling by the Gumbel-max trick.
 
 Static shapes and no host reads (the uniform noise comes in as a tensor), so `choose` runs inside a
-captured CUDA graph. The engine fills that noise with `keyed_uniform`: a counter-based hash of (the
+captured CUDA graph. The engine's noise is `keyed_noise`: a counter-based hash of (the
 sequence's key, the token position, the vocabulary index), where `sequence_key` folds (seed, prompt
 key, sample index) into the key. A completion is then a function of its own key only, not of which
 slot, batch or process generated it (data-parallel GRPO keys prompts by their index in the step).
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.kernels.sample_rows import gumbel, sample_rows
+from align.kernels.sample_rows import KeyedNoise, Noise, gumbel, mix32, sample_rows
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,7 @@ class SamplingParams:
         return self.temperature == 0
 
 
-MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9
-
-
-def mix32(x):
-    """A 32-bit integer hash (lowbias32: xor-shift-multiply, a bijection on [0, 2^32)) of a Python int or
-    an int64 tensor of values in [0, 2^32); the same numbers either way (tensor products wrap in 64 bits,
-    whose low 32 bits are kept)."""
-    x = x & MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
 
 
 def _fold(value: int) -> int:
@@ -77,13 +64,16 @@ def vocab_hashes(vocab: int, device) -> torch.Tensor:
     return mix32(torch.arange(vocab, dtype=torch.long, device=device))
 
 
+def keyed_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> KeyedNoise:
+    """keys [B], positions [B] (int64), vocab_hash [V] (`vocab_hashes`) -> the uniform noise [B, V] in
+    (0, 1) whose row b is a pure function of (keys[b], positions[b]), as a KeyedNoise: the sampler
+    hashes it in its own pass (static shapes, no host read, graph-safe)."""
+    return KeyedNoise(mix32(keys ^ mix32(positions + 3 * GOLDEN32)), vocab_hash)  # row [B]
+
+
 def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """keys [B], positions [B] (int64), vocab_hash [V] (`vocab_hashes`) -> uniform noise [B, V] float32 in
-    (0, 1), row b a pure function of (keys[b], positions[b]): static shapes, no host read, graph-safe."""
-    row = mix32(keys ^ mix32(positions + 3 * GOLDEN32))  # [B]
-    x = mix32(vocab_hash[None, :] ^ row[:, None])
-    x = mix32(x + row[:, None])  # second round: rows differ by more than one xor constant
-    return ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23  # 23 bits, in [2^-24, 1 - 2^-24]: never 0 or 1
+    """keyed_noise as a float32 [B, V] tensor."""
+    return keyed_noise(keys, positions, vocab_hash).uniform()
 
 
 def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -105,16 +95,16 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
 
 
-def choose(
-    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def choose(logits: torch.Tensor, params: SamplingParams, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (token [B] int64, its log-probability [B] float32, see module doc).
 
-    uniform [B, V] in [0, 1), required unless greedy. Greedy (where top-k/top-p change nothing) and
-    plain temperature sampling are align/kernels/sample_rows.py's op (one Triton launch on CUDA).
+    noise: uniform [B, V] in [0, 1) or a KeyedNoise, required unless greedy. Greedy (where top-k/top-p
+    change nothing) and plain temperature sampling are align/kernels/sample_rows.py's op (one Triton
+    launch on CUDA, which hashes keyed noise itself).
     """
     if params.greedy or (params.top_k == 0 and params.top_p >= 1.0):
-        return sample_rows(logits, uniform, params.temperature)
+        return sample_rows(logits, noise, params.temperature)
+    uniform = noise.uniform() if isinstance(noise, KeyedNoise) else noise
     scaled = logits / params.temperature
     keep = truncate(scaled, params.top_k, params.top_p)
     token = (keep + gumbel(uniform)).argmax(-1)  # Gumbel-max: a draw from softmax(keep)

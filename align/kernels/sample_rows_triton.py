@@ -5,11 +5,31 @@ import triton.language as tl
 
 
 @triton.jit
+def mix32(x):
+    """sample_rows.mix32 on uint32 (products wrap mod 2^32, shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def keyed_uniform(key, vocab_hash_ptr, v, vm):
+    """sample_rows.KeyedNoise.uniform at indices v of the row keyed `key` (uint32)."""
+    h = tl.load(vocab_hash_ptr + v, mask=vm, other=0).to(tl.uint32)
+    x = mix32(mix32(h ^ key) + key)
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
+
+
+@triton.jit
 def sample_kernel(
-    logits_ptr, l_s, u_ptr, u_s, token_ptr, logprob_ptr, V, temperature,
-    GREEDY: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, l_s, u_ptr, u_s, key_ptr, vocab_hash_ptr, token_ptr, logprob_ptr, V, temperature,
+    GREEDY: tl.constexpr, KEYED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
+    if KEYED:
+        key = tl.load(key_ptr + row).to(tl.uint32)
     lanes = tl.arange(0, BLOCK_V)
     run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: max of scaled logits
     run_sum = tl.zeros([BLOCK_V], tl.float32)  # per lane: sum of exp(scaled - run_max)
@@ -28,7 +48,10 @@ def sample_kernel(
         run_max = new_max
         score = x
         if not GREEDY:
-            u = tl.load(u_ptr + row * u_s + v, mask=vm, other=0.5)
+            if KEYED:
+                u = keyed_uniform(key, vocab_hash_ptr, v, vm)
+            else:
+                u = tl.load(u_ptr + row * u_s + v, mask=vm, other=0.5)
             score = x - tl.log(-tl.log(tl.maximum(u, 1.1754943508222875e-38)))
         score = tl.where(vm, score, float("-inf"))
         better = score > best  # strictly: the earliest index wins ties within a lane
