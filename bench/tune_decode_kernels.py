@@ -1,6 +1,6 @@
 """Time the Triton decode kernels at V2-Lite shape over their block sizes (GPU).
 
-python bench/tune_decode_kernels.py [--batch 64] [--attend 384]
+python bench/tune_decode_kernels.py [--batch 64 256] [--attend 384] [--only experts]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def tune_experts(batch: int, k: int = 6, n_experts: int = 64, hidden: int = 2048
     for block_n in (32, 64, 128):
         for block_k in (64, 128, 256):
             for warps in (4, 8):
-                for stages in (3, 4):
+                for stages in (3, 4, 5):
                     cfg = {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
                     try:
                         out = _expert_mlp_triton(x, source, ends, gate_up, down, **cfg)
@@ -122,16 +122,20 @@ def tune_attention(batch: int, attend: int, heads: int = 16, rank: int = 512, ro
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="decode rows (one table each)")
     parser.add_argument("--attend", type=int, default=384)
+    parser.add_argument("--only", nargs="+", choices=("experts", "sort", "gate", "attention"),
+                        default=("experts", "sort", "gate", "attention"))
     args = parser.parse_args()
-    tune_experts(args.batch)
-    tune_experts(args.batch * 4)
-    tune_sort(args.batch)
-    tune_gate(args.batch)
-    tune_gate(args.batch * 4)
-    tune_attention(args.batch, args.attend)
-    tune_attention(args.batch * 4, args.attend)
+    for batch in args.batch:
+        if "experts" in args.only:
+            tune_experts(batch)
+        if "sort" in args.only:
+            tune_sort(batch)
+        if "gate" in args.only:
+            tune_gate(batch)
+        if "attention" in args.only:
+            tune_attention(batch, args.attend)
 
 
 if __name__ == "__main__":
