@@ -93,7 +93,8 @@ lora: {{r: 16, alpha: 32, dropout: 0.0, routed_experts: {str(args.routed_experts
 optim: {{lr: {LR}, betas: [0.9, 0.95], weight_decay: 0.0}}
 schedule: {{name: constant, warmup_steps: 0}}
 train: {{steps: {args.steps}, micro_batch_size: {args.micro}, grad_accum: 1, max_grad_norm: 1.0,
-        bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: {args.checkpointing}, seed: 0, log_every: 1,
+        bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: {args.checkpointing},
+        compile: {args.compile}, seed: 0, log_every: 1,
         eval_every: 0, save_every: 0}}
 eval: {{exact_match: false}}
 output: {{run_dir: {run_dir}, merge: false, progress: false}}
@@ -362,8 +363,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-unpacked", action="store_true", help="no unpacked equal-length run")
     parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
-    parser.add_argument("--checkpointing", default="true", choices=["true", "false"],
+    parser.add_argument("--checkpointing", default="true", choices=["true", "false", "selective"],
                         help="align's train.gradient_checkpointing (the peers keep theirs on)")
+    parser.add_argument("--compile", default="false", choices=["true", "false"],
+                        help="align's train.compile (each decoder layer; the peers are not compiled)")
     parser.add_argument("--routed-experts", action="store_true",
                         help="LoRA on the routed experts too (lora.routed_experts; peft's target_parameters for peers)")
     args = parser.parse_args()

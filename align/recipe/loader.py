@@ -119,13 +119,18 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _shown(choice: Any) -> str:
+    """A Literal choice as YAML writes it (true, not True)."""
+    return str(choice).lower() if isinstance(choice, bool) else repr(choice)
+
+
 def type_name(tp: Any) -> str:
     inner, optional = _split_optional(tp)
     if optional:
         return f"{type_name(inner)} or null"
     origin = typing.get_origin(inner)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+        return "one of " + ", ".join(_shown(a) for a in typing.get_args(inner))
     if origin in (list, Sequence):
         return f"list of {type_name(typing.get_args(inner)[0])}"
     if origin in (dict, Mapping):
@@ -189,7 +194,9 @@ def convert(value: Any, tp: Any, where: str, key: str, root: type | None = None)
         return build(inner, value, where, key, root)
     if origin is Literal:
         choices = typing.get_args(inner)
-        if value in choices and not isinstance(value, bool):
+        if bool in {type(c) for c in choices} and isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            value = value.lower() in _TRUE
+        if any(value == c and type(value) is type(c) for c in choices):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

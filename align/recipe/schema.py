@@ -126,7 +126,13 @@ class LoopSection:
 
     max_grad_norm: float | None = ranged(1.0, POSITIVE)  # null = no clipping
     bf16: bool = True  # bf16 autocast where supported (CUDA); CPU runs float32
-    gradient_checkpointing: bool = False
+    # activation checkpointing per decoder layer: false = keep every activation; true = keep each layer's
+    # input, re-run the whole layer in backward; selective = keep the outputs of its matrix products and
+    # attention, re-run only the cheap ops (backward re-runs no GEMM; align/train/activation_checkpointing.py)
+    gradient_checkpointing: Literal[False, True, "selective"] = False
+    # torch.compile of each decoder layer (never the whole model); auto = off on CPU, on CUDA as measured
+    # (align/train/regional_compile.py: compile_enabled)
+    compile: Literal["auto", True, False] = "auto"
     aux_loss_alpha: float | None = ranged(None, NON_NEGATIVE)  # MoE balance-loss coefficient; null = config's
     seed: int = ranged(0, SEED)
     deterministic: bool = False  # torch.use_deterministic_algorithms

@@ -23,8 +23,10 @@ from align.models.config import moe_layers
 from align.recipe import RecipeBase
 from align.train import checkpointing as ckpt
 from align.train import esft
+from align.train.activation_checkpointing import run_layer, set_layer_forward
 from align.train.lora import apply_lora, lora_config, trainable_summary
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.regional_compile import compile_enabled, compile_layer_runner
 
 
 def load_base_model(recipe: RecipeBase, device: torch.device, full_checkpoint: Path | None = None):
@@ -423,6 +425,12 @@ def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> N
         )
 
 
+def set_layer_modes(model: torch.nn.Module, train, device: torch.device) -> None:
+    """train.gradient_checkpointing and train.compile on every decoder layer (before any DDP / FSDP wrapping)."""
+    runner = compile_layer_runner(run_layer) if compile_enabled(train.compile, device) else None
+    set_layer_forward(model, train.gradient_checkpointing, runner)
+
+
 def setup_kind(recipe: RecipeBase) -> type[Setup]:
     if getattr(recipe, "esft", None) is not None:
         return ESFTSetup
@@ -440,8 +448,7 @@ def setup_model(
         check_resume_position(resume, run_steps or steps, rows_per_step)
     kind = setup_kind(recipe)
     model, extra = kind.load(recipe, tokenizer, accelerator, resume, task)
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_layer_modes(model, recipe.train, accelerator.device)
     say(trainable_summary(model))
     distribution = kind.distribution_for(recipe.train.distributed, accelerator)
     model = wrap_model(model, distribution, accelerator)

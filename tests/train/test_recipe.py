@@ -284,3 +284,31 @@ def test_lora_bad_targets(tiny_model):
     with pytest.raises(ValueError, match="supports no dropout"):
         lora_config(tiny_model, dropout=0.1)
     assert lora_config(tiny_model, dropout=0.1, targets=["q_proj", "o_proj"]).lora_dropout == 0.1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("selective", "selective"), ("true", True), ("false", False), ("'true'", True), ("off", False),
+])
+def test_gradient_checkpointing_takes_true_false_selective(tmp_path, text, expected):
+    path = write(tmp_path, MINIMAL.replace("train: {steps: 3}", f"train: {{steps: 3, gradient_checkpointing: {text}}}"))
+    got = load_recipe(SFTRecipe, path).train.gradient_checkpointing
+    assert got == expected and type(got) is type(expected)
+    overridden = load_recipe(SFTRecipe, path, [f"train.gradient_checkpointing={text}"]).train.gradient_checkpointing
+    assert overridden == expected
+
+
+@pytest.mark.parametrize("key, value, valid", [
+    ("gradient_checkpointing", "sometimes", "one of false, true, 'selective'"),
+    ("gradient_checkpointing", "1.5", "one of false, true, 'selective'"),
+    ("compile", "always", "one of 'auto', true, false"),
+])
+def test_layer_modes_reject_other_values_naming_key_and_valid(tmp_path, key, value, valid):
+    with pytest.raises(RecipeError, match=rf"key 'train.{key}' expects {valid}, got"):
+        load_recipe(SFTRecipe, write(tmp_path, MINIMAL), [f"train.{key}={value}"])
+    for cls in (RLRecipe, RMRecipe):  # every loop reads the same key
+        assert key in cls.__dataclass_fields__["train"].default_factory.__dataclass_fields__
+
+
+def test_compile_defaults_to_auto_and_takes_bools(tmp_path):
+    assert load_recipe(SFTRecipe, write(tmp_path, MINIMAL)).train.compile == "auto"
+    assert load_recipe(SFTRecipe, write(tmp_path, MINIMAL), ["train.compile=true"]).train.compile is True

@@ -1,0 +1,42 @@
+"""`train.compile`: torch.compile of the hot step only, each decoder layer's training forward (regional
+compilation), never the whole model: every layer of one kind (dense / MoE) shares one compiled graph, so
+compile time is a layer's, not the model's, and the embedding, head and loss stay eager.
+
+What is compiled is align/train/activation_checkpointing.py's `run_layer`, the checkpoint call
+included, so selective checkpointing becomes the compiler's recompute plan instead of a dispatch mode
+(torch.compile skips frames run under a dispatch mode, which eager SAC is).
+
+Shapes: `dynamic=None`, PyTorch's automatic dynamic shapes. The first call compiles for its shapes; the
+first call with another length recompiles once with the sequence length (and the other sizes that
+changed: packed segments, max_len) symbolic, and later lengths reuse that graph. Packed rows differ
+in length every step, so static shapes would recompile for each one (until the recompile limit, then
+run eager); shape buckets would pad every row for a gain a symbolic length already gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+Compile = Literal["auto", True, False]
+AUTO_ON_CUDA = False  # what `auto` means on CUDA: set from the GPU measurement (compile_enabled)
+
+
+def compile_enabled(setting: Compile, device: torch.device | str) -> bool:
+    """Whether train.compile is on for this device. true / false as set; `auto` is decided by a GPU
+    measurement (tokens/s of the V2-Lite LoRA SFT step, bench/bench_sft.py --compile true vs false):
+    until one shows a gain it is off on CUDA, and it is always off on CPU (the tiny default and CI
+    run eager)."""
+    if setting not in ("auto", True, False):
+        raise ValueError(f"train.compile: expected one of 'auto', true, false, got {setting!r}")
+    if setting == "auto":
+        return torch.device(device).type == "cuda" and AUTO_ON_CUDA
+    return bool(setting)
+
+
+def compile_layer_runner(runner: Callable, backend: str = "inductor") -> Callable:
+    """The layer runner (run_layer) compiled: one dynamo cache for all layers, shapes automatic-dynamic.
+    backend: torch.compile's (tests take "aot_eager": the same graphs without inductor's C++ build)."""
+    return torch.compile(runner, dynamic=None, backend=backend)
