@@ -130,8 +130,8 @@ class LoopSection:
     # input, re-run the whole layer in backward; selective = keep the outputs of its matrix products and
     # attention, re-run only the cheap ops (backward re-runs no GEMM; align/train/activation_checkpointing.py)
     gradient_checkpointing: Literal[False, True, "selective"] = False
-    # torch.compile of each decoder layer (never the whole model); auto = off on CPU, on CUDA as measured
-    # (align/train/regional_compile.py: compile_enabled)
+    # torch.compile of each decoder layer (never the whole model); auto = off on CPU; on CUDA on for
+    # `align sft`, off for rl / rm, as measured (align/train/regional_compile.py: AUTO_ON_CUDA)
     compile: Literal["auto", True, False] = "auto"
     aux_loss_alpha: float | None = ranged(None, NON_NEGATIVE)  # MoE balance-loss coefficient; null = config's
     seed: int = ranged(0, SEED)
@@ -193,6 +193,7 @@ class RecipeBase:
     resume_from: str | None = None  # a checkpoint directory, or 'latest' (newest in run_dir)
 
     MODEL_HEAD: ClassVar[str] = "lm"  # the head of the trained model: lm (causal LM) | score (reward model)
+    LOOP: ClassVar[str] = "sft"  # the loop's name where a default depends on it (train.compile: auto)
 
 
 @dataclass
@@ -303,6 +304,7 @@ class RLRecipe(RecipeBase):
     """`model` is usually a `path`: the SFT output. `lora: null` = full fine-tuning (the reference is then
     a frozen copy when grpo.beta > 0)."""
 
+    LOOP: ClassVar[str] = "rl"
     data: PromptDataSection = field(default_factory=PromptDataSection)
     schedule: RLScheduleSection = field(default_factory=RLScheduleSection)
     train: RLTrainSection = field(default_factory=RLTrainSection)
@@ -382,6 +384,7 @@ class RMRecipe(RecipeBase):
     checkpoint. train.micro_batch_size counts pairs."""
 
     MODEL_HEAD: ClassVar[str] = "score"
+    LOOP: ClassVar[str] = "rm"
     data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: RMEvalSection = field(default_factory=RMEvalSection)

@@ -21,18 +21,21 @@ from typing import Literal
 import torch
 
 Compile = Literal["auto", True, False]
-AUTO_ON_CUDA = False  # what `auto` means on CUDA: set from the GPU measurement (compile_enabled)
+# what `auto` means on CUDA per loop, from GPU measurements (H200, V2-Lite, LoRA; bench/BENCHMARKS.md):
+# sft: the step bench/bench_sft.py times, 22,789 vs 19,556 tokens/s with checkpointing (27,388 vs 23,651
+# without); rl: the GRPO update of bench/profile_rl_generation.py's product step, 27.5 / 22.6 s vs 19.7 /
+# 19.4 s eager (completion lengths change every micro-batch), so off; rm: not measured, off
+AUTO_ON_CUDA = {"sft": True, "rl": False, "rm": False}
 
 
-def compile_enabled(setting: Compile, device: torch.device | str) -> bool:
-    """Whether train.compile is on for this device. true / false as set; `auto` is decided by a GPU
-    measurement (tokens/s of the V2-Lite LoRA SFT step, bench/bench_sft.py --compile true vs false):
-    until one shows a gain it is off on CUDA, and it is always off on CPU (the tiny default and CI
-    run eager)."""
+def compile_enabled(setting: Compile, device: torch.device | str, loop: str = "sft") -> bool:
+    """Whether train.compile is on for this device and loop (sft | rl | rm). true / false as set; `auto`:
+    on CUDA where a measurement showed it pays (AUTO_ON_CUDA), always off on CPU (the tiny default and
+    CI run eager)."""
     if setting not in ("auto", True, False):
         raise ValueError(f"train.compile: expected one of 'auto', true, false, got {setting!r}")
     if setting == "auto":
-        return torch.device(device).type == "cuda" and AUTO_ON_CUDA
+        return torch.device(device).type == "cuda" and AUTO_ON_CUDA[loop]
     return bool(setting)
 
 

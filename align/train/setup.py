@@ -425,9 +425,9 @@ def check_resume_position(resume: Path, run_steps: int, rows_per_step: int) -> N
         )
 
 
-def set_layer_modes(model: torch.nn.Module, train, device: torch.device) -> None:
+def set_layer_modes(model: torch.nn.Module, train, device: torch.device, loop: str) -> None:
     """train.gradient_checkpointing and train.compile on every decoder layer (before any DDP / FSDP wrapping)."""
-    runner = compile_layer_runner(run_layer) if compile_enabled(train.compile, device) else None
+    runner = compile_layer_runner(run_layer) if compile_enabled(train.compile, device, loop) else None
     set_layer_forward(model, train.gradient_checkpointing, runner)
 
 
@@ -448,7 +448,7 @@ def setup_model(
         check_resume_position(resume, run_steps or steps, rows_per_step)
     kind = setup_kind(recipe)
     model, extra = kind.load(recipe, tokenizer, accelerator, resume, task)
-    set_layer_modes(model, recipe.train, accelerator.device)
+    set_layer_modes(model, recipe.train, accelerator.device, recipe.LOOP)
     say(trainable_summary(model))
     distribution = kind.distribution_for(recipe.train.distributed, accelerator)
     model = wrap_model(model, distribution, accelerator)

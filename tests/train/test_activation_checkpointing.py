@@ -89,8 +89,10 @@ def test_selective_keeps_less_than_no_checkpointing_and_more_than_full():
     assert kept["selective"] < 0.8 * kept[False]
 
 
-def test_compile_enabled_auto_is_off_and_bools_are_as_set():
-    assert not compile_enabled("auto", "cpu") and not compile_enabled("auto", torch.device("cuda"))
+def test_compile_enabled_auto_is_on_cuda_only_and_bools_are_as_set():
+    assert not compile_enabled("auto", "cpu") and compile_enabled("auto", torch.device("cuda"))
+    assert not compile_enabled("auto", "cpu", "rl") and not compile_enabled("auto", "cuda", "rl")
+    assert compile_enabled(True, "cpu", "rl")
     assert compile_enabled(True, "cpu") and not compile_enabled(False, "cuda")
     with pytest.raises(ValueError, match=r"train.compile: expected one of 'auto', true, false, got 'yes'"):
         compile_enabled("yes", "cpu")
