@@ -297,8 +297,12 @@ def micro_batch_loss(setup: Setup, head, part: RolloutBatch, cfg: GRPOLossConfig
     return out, loss, metrics
 
 
+UNWEIGHTED = ("aux_loss",)  # per micro-batch values the loss averages with equal weights
+
+
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """Micro-batch metrics -> step metrics: *_min / *_max by min / max, the rest token-weighted means."""
+    """Micro-batch metrics -> step metrics: *_min / *_max by min / max, the balance loss by the plain mean
+    the loss takes (so it does not depend on which rows share a micro-batch), the rest token-weighted."""
     out: dict[str, float] = {}
     weight = sum(w for w, _ in parts) or 1.0
     for key in parts[0][1]:
@@ -307,19 +311,28 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
             out[key] = math.nan
         elif key.endswith("_min") or key.endswith("_max"):
             out[key] = (min if key.endswith("_min") else max)(v for _, v in values)
+        elif key in UNWEIGHTED:
+            out[key] = sum(v for _, v in values) / len(values)
         else:
             out[key] = sum(w * v for w, v in values) / weight
     return out
 
 
 def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: float | None,
-           gather: Gather = list) -> tuple[dict[str, float], list[dict[str, float]]]:
+           gather: Gather = list, by_length: bool | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
     optimizer steps over `batch`. Returns the mean of their metrics (with the first step's routing
     metrics, align.train.moe_metrics, under their own `policy/` and `moe/` names), and the loss / grad
     norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after.
-    gather (align.train.data_parallel.gatherer): with several processes, their metrics are combined."""
+    gather (align.train.data_parallel.gatherer): with several processes, their metrics are combined.
+    by_length: micro-batch the rows in length order (RolloutBatch.by_length), so that a micro-batch is
+    padded to about its own rows' length, not to the round's longest completion; the step is the same
+    for every loss type whose normalisation does not depend on the micro-batch (all but bnpo) and for
+    every metric. Default: on CUDA; off on the CPU, which keeps the tiny recipes' recorded numerics."""
     head = setup.unwrapped.get_output_embeddings()
+    if batch.input_ids.is_cuda if by_length is None else by_length:
+        work, batch.routing = batch.by_length(), None  # the caller's copy of the routing is freed now
+        batch = work
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
     observe = MoEMetrics(setup.unwrapped.config)
