@@ -318,6 +318,15 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
     return out
 
 
+def order_free(g: GRPOSection, rows: int) -> bool:
+    """Whether the update's step is the same whichever rows share a micro-batch: dapo / cispo normalise by
+    the whole batch's tokens; grpo / sapo / dr_grpo by each micro-batch's rows, the same when every
+    micro-batch is full; bnpo by each micro-batch's tokens, never."""
+    if g.loss_type in ("dapo", "cispo"):
+        return True
+    return g.loss_type != "bnpo" and rows % g.micro_batch_size == 0
+
+
 def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: float | None,
            gather: Gather = list, by_length: bool | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The GRPO update of one round: old-policy / reference log-probs when needed, then num_iterations
@@ -326,11 +335,11 @@ def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: flo
     norm of each step that was not applied (NaN / inf). The batch's recorded routing is freed after.
     gather (align.train.data_parallel.gatherer): with several processes, their metrics are combined.
     by_length: micro-batch the rows in length order (RolloutBatch.by_length), so that a micro-batch is
-    padded to about its own rows' length, not to the round's longest completion; the step is the same
-    for every loss type whose normalisation does not depend on the micro-batch (all but bnpo) and for
-    every metric. Default: on CUDA; off on the CPU, which keeps the tiny recipes' recorded numerics."""
+    padded to about its own rows' length, not to the round's longest completion. Default: on CUDA where
+    the step and every metric stay the same (`order_free`); off on the CPU, which keeps the tiny
+    recipes' recorded numerics."""
     head = setup.unwrapped.get_output_embeddings()
-    if batch.input_ids.is_cuda if by_length is None else by_length:
+    if batch.input_ids.is_cuda and order_free(g, len(batch)) if by_length is None else by_length:
         work, batch.routing = batch.by_length(), None  # the caller's copy of the routing is freed now
         batch = work
     add_old_and_ref(setup, head, batch, g)

@@ -23,8 +23,8 @@ import torch
 Compile = Literal["auto", True, False]
 # what `auto` means on CUDA per loop, from GPU measurements (H200, V2-Lite, LoRA; bench/BENCHMARKS.md):
 # sft: the step bench/bench_sft.py times, 22,789 vs 19,556 tokens/s with checkpointing (27,388 vs 23,651
-# without); rl: the GRPO update of bench/profile_rl_generation.py's product step, 27.5 / 22.6 s vs 19.7 /
-# 19.4 s eager (completion lengths change every micro-batch), so off; rm: not measured, off
+# without); rl: off, its update is not measured to gain (the runs so far differ more by host than by
+# compile: BENCHMARKS); rm: not measured, off
 AUTO_ON_CUDA = {"sft": True, "rl": False, "rm": False}
 
 

@@ -59,3 +59,12 @@ def test_by_length_sorts_every_field_alike_and_pads_less():
         assert torch.equal(getattr(ordered, name), getattr(batch, name)[order]), name
     padded = lambda b: sum(p.input_ids.numel() for p in (b.rows(s, s + 4) for s in range(0, len(b), 4)))  # noqa: E731
     assert padded(ordered) < padded(batch)
+
+
+def test_length_order_is_on_only_where_the_step_stays_the_same():
+    from align.train.grpo import order_free
+
+    assert order_free(GRPOSection(loss_type="dapo", micro_batch_size=5), 12)
+    assert order_free(GRPOSection(loss_type="grpo", micro_batch_size=4), 12)
+    assert not order_free(GRPOSection(loss_type="grpo", micro_batch_size=5), 12)  # a short last micro-batch
+    assert not order_free(GRPOSection(loss_type="bnpo", micro_batch_size=4), 12)
