@@ -11,7 +11,8 @@ Data: the script writes chats.jsonl, `--chats` chats of 200-2,000 tokens (unifor
 align: `python -m align.cli sft recipe.yaml` (the product, as a user runs it; `accelerate launch` for
 --processes > 1): model.preset deepseek-v2-lite (bf16, random init), tokenizer tiny, data.packing true,
 max_length 4096, train_on assistant, LoRA r 16 / alpha 32 on the default targets, micro_batch_size --micro,
-grad_accum 1, gradient checkpointing, AdamW lr 2e-4. tokens/s = the product's own `train/tokens_per_s`
+grad_accum 1, gradient checkpointing, train.compile as the product's default (auto: each decoder layer
+compiled on CUDA; --compile false for eager), AdamW lr 2e-4. tokens/s = the product's own `train/tokens_per_s`
 (non-padding tokens of the global batch / step wall time, logged every step), median over the steps after
 --warmup; peak = its `train/peak_gib`. The same on long.jsonl with packing false (rows of one 4,096-token
 document: the unpacked step of equal row length) gives `packed_vs_unpacked`.
@@ -365,8 +366,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
     parser.add_argument("--checkpointing", default="true", choices=["true", "false", "selective"],
                         help="align's train.gradient_checkpointing (the peers keep theirs on)")
-    parser.add_argument("--compile", default="false", choices=["true", "false"],
-                        help="align's train.compile (each decoder layer; the peers are not compiled)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="align's train.compile (each decoder layer; default the product's auto: on for "
+                             "align sft on CUDA; the peers are not compiled)")
     parser.add_argument("--routed-experts", action="store_true",
                         help="LoRA on the routed experts too (lora.routed_experts; peft's target_parameters for peers)")
     args = parser.parse_args()

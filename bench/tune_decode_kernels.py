@@ -127,15 +127,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=("experts", "sort", "gate", "attention"),
                         default=("experts", "sort", "gate", "attention"))
     args = parser.parse_args()
+    tuners = {"experts": tune_experts, "sort": tune_sort, "gate": tune_gate,
+              "attention": lambda batch: tune_attention(batch, args.attend)}
     for batch in args.batch:
-        if "experts" in args.only:
-            tune_experts(batch)
-        if "sort" in args.only:
-            tune_sort(batch)
-        if "gate" in args.only:
-            tune_gate(batch)
-        if "attention" in args.only:
-            tune_attention(batch, args.attend)
+        for name in args.only:
+            tuners[name](batch)
 
 
 if __name__ == "__main__":

@@ -339,9 +339,12 @@ def update(setup: Setup, batch: RolloutBatch, g: GRPOSection, max_grad_norm: flo
     the step and every metric stay the same (`order_free`); off on the CPU, which keeps the tiny
     recipes' recorded numerics."""
     head = setup.unwrapped.get_output_embeddings()
-    if batch.input_ids.is_cuda and order_free(g, len(batch)) if by_length is None else by_length:
-        work, batch.routing = batch.by_length(), None  # the caller's copy of the routing is freed now
-        batch = work
+    if by_length is None:
+        by_length = batch.input_ids.is_cuda and order_free(g, len(batch))
+    if by_length:
+        ordered = batch.by_length()
+        batch.routing = None  # the caller's copy is freed now; the ordered copy is freed after the steps
+        batch = ordered
     add_old_and_ref(setup, head, batch, g)
     cfg = loss_config(g)
     observe = MoEMetrics(setup.unwrapped.config)

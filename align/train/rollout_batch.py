@@ -48,6 +48,10 @@ class RolloutBatch:
             part["routing"] = part["routing"][:, :width]
         return RolloutBatch(**part)
 
+    def lengths(self) -> Tensor:
+        """[N] prompt + completion tokens of each row."""
+        return self.prompt_lens + self.token_mask.sum(-1).long()
+
     def permuted(self, order: Tensor) -> RolloutBatch:
         """The rows in `order` (a permutation of the row indices), every per-row field alike."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -56,12 +60,11 @@ class RolloutBatch:
     def by_length(self) -> RolloutBatch:
         """The rows sorted by prompt + completion length (stable), so that consecutive micro-batches hold
         rows of similar length and `rows` pads them little."""
-        lengths = self.prompt_lens + self.token_mask.sum(-1).long()
-        return self.permuted(torch.argsort(lengths, stable=True))
+        return self.permuted(torch.argsort(self.lengths(), stable=True))
 
     def real_tokens(self) -> Tensor:
         """[N, L] 1 on prompt and completion tokens, 0 on padding (what the balance loss counts)."""
-        lengths = self.prompt_lens + self.token_mask.sum(-1).long()
+        lengths = self.lengths()
         return (torch.arange(self.input_ids.shape[1], device=lengths.device)[None] < lengths[:, None]).float()
 
     def replay(self, layers: list[int]) -> dict[int, Tensor]:
