@@ -3,6 +3,7 @@ false / true / selective (align/train/activation_memory.py counts them).
 
 python bench/activation_memory.py                         # CPU: V2-Lite layer shapes (2 layers), float32
 python bench/activation_memory.py --device cuda --dtype bfloat16 --docs 2   # GPU: the Triton / flash paths
+python bench/activation_memory.py --device cuda --dtype bfloat16 --breakdown  # + what each op keeps, frozen
 
 Layers 0 (dense MLP) and 1 (MoE) of the preset, random weights (normal, std 0.02), one row of --tokens
 tokens cut into --docs packed documents. `full`: every weight trains; `frozen`: weights frozen and the
@@ -13,6 +14,7 @@ aside). true keeps the layer's input only, which is not created by the forward: 
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import torch
 
@@ -64,6 +66,53 @@ def measure(args) -> dict:
     return table
 
 
+def _node_saved(node) -> list[torch.Tensor]:
+    """The tensors an autograd node holds for backward (built-in nodes' `_saved_*`, custom Functions')."""
+    found = []
+    for name in [n for n in dir(node) if n.startswith("_saved_")] + ["saved_tensors"]:
+        try:
+            value = getattr(node, name)
+        except (AttributeError, RuntimeError):
+            continue
+        found += [t for t in (value if isinstance(value, tuple | list) else [value]) if isinstance(t, torch.Tensor)]
+    return found
+
+
+def saved_by_node(root: torch.Tensor, exclude: list[torch.Tensor]) -> dict[str, int]:
+    """Bytes of the distinct storages the graph behind root saves, by node kind, shape and dtype (storages of
+    `exclude`: weights, the input, left out; a storage is counted at the first node found holding it)."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    totals, stack, visited = defaultdict(int), [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for t in _node_saved(node):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                totals[f"{type(node).__name__} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}"] += (
+                    t.untyped_storage().nbytes())
+        stack.extend(f for f, _ in node.next_functions)
+    return dict(totals)
+
+
+def breakdown(args) -> None:
+    """What the frozen MoE layer (layer 1) keeps without checkpointing, by autograd node."""
+    dtype = getattr(torch, args.dtype)
+    layers, rotary = build_layers(args.preset, args.device, dtype)
+    layers.requires_grad_(False)
+    set_layer_forward(layers, False)
+    x, cos, sin, mask = layer_inputs(layers, rotary, args, dtype, True)
+    with torch.autocast(args.device, dtype, enabled=dtype != torch.float32 and args.device == "cuda"):
+        out = layers[1](x, cos, sin, mask)[0]
+    totals = saved_by_node(out, [x, *layers.parameters()])
+    print(f"frozen MoE layer, mode false: {sum(totals.values()) / args.tokens / 1024:.1f} KiB per token kept")
+    for name, size in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{size / args.tokens / 1024:10.2f} KiB/token  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="deepseek-v2-lite")
@@ -71,7 +120,10 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1, help="packed documents in the row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--breakdown", action="store_true", help="also list what the frozen MoE layer keeps, by op")
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args)
     table = measure(args)
     print(f"{args.preset}, {args.tokens} tokens, {args.docs} document(s), {args.device} {args.dtype}: KiB per token")
     print(f"{'weights':8} {'layer':10} " + " ".join(f"{str(m).lower():>10}" for m in MODES) + "  selective/false")

@@ -58,6 +58,7 @@ import platform
 import tempfile
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -71,7 +72,7 @@ from align.train.grpo import update
 from align.train.lora import apply_lora, lora_config
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.rollout_batch import make_batch
-from align.train.setup import LoRASetup
+from align.train.setup import LoRASetup, set_layer_modes
 
 BASELINE_EXPERTS = "grouped_mm"  # not the default per-expert loop: the peer at its best
 
@@ -187,8 +188,8 @@ def build_align(args):
     model = build_model(args.preset, dtype=args.dtype, device_map=str(args.device), seed=0)
     base_state = dict(model.state_dict())  # the base tensors themselves (detached views, no copy)
     model = apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=args.routed_experts))
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer_modes = SimpleNamespace(gradient_checkpointing=args.grad_ckpt, compile=args.compile)
+    set_layer_modes(model, layer_modes, args.device, "rl")  # train.gradient_checkpointing / train.compile
     optimizer = build_optimizer(model, lr=LR)
     cuda = args.device.type == "cuda"
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
@@ -465,6 +466,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--completion-len", type=int, default=None, help="completion tokens (default 512; smoke 16)")
     parser.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward (both sides)")
     parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="align's train.compile (auto: the product's default for align rl)")
     parser.add_argument("--trl-steps", type=int, default=1, help="TRL optimizer steps; the last one is reported")
     parser.add_argument("--routing-replay", nargs="+", choices=("none", "rollout"), default=["none"],
                         help="grpo.routing_replay mode(s) of align's steps, timed in turn (default none)")
@@ -481,6 +484,7 @@ def parse_args() -> argparse.Namespace:
         parser.add_argument(f"--{name}", choices=("auto", "on", "off"), default="auto",
                             help=f"the engine's {name} option (auto: its default, on on CUDA): before / after issue 19")
     args = parser.parse_args()
+    args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     args.engine_options = {name: getattr(args, name) == "on" for name in ("fold", "compact")
                            if getattr(args, name) != "auto"}
     if args.smoke:
@@ -524,7 +528,7 @@ def header(args) -> dict:
         "preset": args.preset, "dtype": str(args.dtype),
         "prompts": args.prompts, "generations": args.generations, "prompt_len": args.prompt_len,
         "completion_len": args.completion_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": args.grad_ckpt,
+        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile,
         "lora": {"r": 16, "alpha": 32, "routed_experts": args.routed_experts}, "beta": 0.0, "loss_type": "dapo",
         "baseline_experts": BASELINE_EXPERTS,
         "routing_replay": args.routing_replay, "lengths": args.lengths, "rollout_batch": args.rollout_batch,

@@ -19,6 +19,10 @@ large batches sort and multiply through the references (stable argsort; grouped_
 align/kernels/grouped_mm.py; SwiGLU by align/kernels/swiglu.py). On CUDA in 16-bit the combine is
 one Triton kernel at every size, reading each token's k rows once, with a backward kernel (one
 program per token: the rows' gradients and the routing weights' in one pass) where a gradient flows.
+Training with a frozen down_proj (LoRA without routed-expert adapters) takes `ExpertTail` after the
+gate_up product instead: SwiGLU, down product and combine in one autograd.Function that keeps only the
+gate_up rows, not the [T*k, H] expert outputs (a quarter of a MoE layer's saved activations); its
+backward recomputes the SwiGLU inside the kernel that takes the routing weights' gradient.
 Without autograd on CUDA the decode sizes also take Triton kernels for the rest: one program counts
 and ranks all slots (at most SORT_MAX_SLOTS), and the expert MLP (16-bit, at most MAX_TOKENS tokens)
 is two launches, one program per (expert, block of output features): at decode sizes each expert
@@ -34,7 +38,7 @@ import torch
 from align.kernels.dispatch import kernel_path, needs_autograd, pow2_block, require_contiguous_last_dim, triton_ready
 from align.kernels.grouped_mm import LowRank, grouped_linear
 from align.kernels.moe_route import SORT_MAX_SLOTS
-from align.kernels.swiglu import swiglu
+from align.kernels.swiglu import swiglu, swiglu_forward
 
 MAX_TOKENS = 512  # beyond this the grouped GEMM's large tiles are the better tool
 
@@ -48,12 +52,25 @@ def routed_experts(
     """x [T, H], weights [T, k] float32, experts [T, k] int64 -> [T, H] in x's dtype.
 
     updates: low-rank updates of the stacked weights (split LoRA), applied beside the frozen products."""
-    n_experts = gate_up_proj.shape[0]
+    n_experts, updates = gate_up_proj.shape[0], updates or {}
     fused = experts.numel() <= SORT_MAX_SLOTS and kernel_path(x, weights, gate_up_proj, down_proj)
     sort = _sort_by_expert_triton if fused else sort_by_expert_reference
     source, position, ends = sort(experts, n_experts)
-    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj, updates or {})  # [T*k, H], sorted by expert
+    if _tail_fuses(x, weights, gate_up_proj, down_proj, updates):
+        gate_up = grouped_linear(x[source], gate_up_proj, ends, updates.get("gate_up_proj", ()))  # [T*k, 2I]
+        return ExpertTail.apply(gate_up, down_proj, ends, source, position, weights).to(x.dtype)
+    out = _expert_mlp(x, source, ends, gate_up_proj, down_proj, updates)  # [T*k, H], sorted by expert
     return combine(out, position, weights).to(x.dtype)
+
+
+def _tail_fuses(
+    x: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, updates: ExpertUpdates
+) -> bool:
+    """Whether ExpertTail serves a training call: CUDA, 16-bit, a gradient flowing, down_proj frozen and
+    without low-rank updates (its weight gradient would need the [T*k, I] activations ExpertTail drops)."""
+    if not (triton_ready(x, half=True) and needs_autograd(x, weights, gate_up_proj)):
+        return False
+    return down_proj.dtype == x.dtype and not down_proj.requires_grad and not updates.get("down_proj")
 
 
 def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -178,6 +195,50 @@ class Combine(torch.autograd.Function):
         out, position, weights = ctx.saved_tensors
         d_out, d_weights = _combine_backward_triton(out, position, weights, grad.contiguous())
         return d_out, None, d_weights
+
+
+class ExpertTail(torch.autograd.Function):
+    """The routed experts after their gate_up product, for training: SwiGLU, the down product (frozen)
+    and the weighted combine, keeping only gate_up [T*k, 2I] for backward where the unfused path keeps
+    the expert outputs [T*k, H] too (Combine's saved rows; H > 2I in DeepSeek's MoE layers). The routing
+    weights' gradient is taken as sum_i (d_out @ W_down)[r, i] * h[r, i] = sum_h d_out[t, h] * out[r, h],
+    with h recomputed from gate_up in the same kernel that runs the SwiGLU backward.
+    Reference: combine_reference(expert_mlp_reference(...)) on the same sorted rows."""
+
+    @staticmethod
+    def forward(ctx, gate_up, down_proj, ends, source, position, weights):
+        gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+        out = grouped_linear(swiglu_forward(gate, up), down_proj, ends)  # [N, H]
+        ctx.save_for_backward(gate_up, down_proj, ends, source, position, weights)
+        return _combine_triton(out, position, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, down_proj, ends, source, position, weights = ctx.saved_tensors
+        d_rows = grouped_linear(grad.contiguous()[source], down_proj.transpose(1, 2), ends)  # [N, I]: d @ W_down
+        row_weights = torch.empty(source.shape[0], dtype=weights.dtype, device=weights.device)
+        row_weights.scatter_(0, position.reshape(-1), weights.reshape(-1))  # [N]: each sorted row's weight
+        d_gate_up, d_row_weights = _expert_tail_backward_triton(gate_up, d_rows, row_weights)
+        return d_gate_up, None, None, None, None, d_row_weights[position].to(weights.dtype)
+
+
+def _expert_tail_backward_triton(
+    gate_up: torch.Tensor, d_rows: torch.Tensor, row_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [N, 2I], d_rows [N, I] (d_out @ W_down), row_weights [N] -> (d_gate_up [N, 2I] in gate_up's
+    dtype, d_row_weights [N] float32); one program per row."""
+    from align.kernels import moe_experts_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("expert tail backward", gate_up=gate_up, d_rows=d_rows)
+    rows, inter = d_rows.shape
+    d_gate_up = torch.empty(rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
+    d_row_weights = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
+    if rows:
+        moe_experts_triton.expert_tail_backward_kernel[(rows,)](
+            gate_up, gate_up.stride(0), d_rows, d_rows.stride(0), row_weights.contiguous(), d_gate_up,
+            d_gate_up.stride(0), d_row_weights, inter, BLOCK=min(pow2_block(inter), 512),
+        )
+    return d_gate_up, d_row_weights
 
 
 def _row_block(rows: int, experts: int) -> int:

@@ -136,3 +136,30 @@ def combine_backward_kernel(
             dot += x * g
             tl.store(d_out_ptr + row * H + cols, (g * w).to(d_out_ptr.dtype.element_ty), mask=cm)
         tl.store(d_weights_ptr + t * K + j, tl.sum(dot, 0))
+
+
+@triton.jit
+def expert_tail_backward_kernel(
+    gu_ptr, gu_s, dh_ptr, dh_s, w_ptr, d_gu_ptr, d_gu_s, d_w_ptr, inter, BLOCK: tl.constexpr,
+):
+    """For sorted row r, with gate / up = gate_up[r, :I] / gate_up[r, I:] and d = d_h_raw[r] (the row's
+    output gradient through the down product, before its routing weight w[r]):
+    d_w[r] = sum_i d * h (h = silu(gate) * up in gate_up's dtype, as the forward multiplied), and the
+    SwiGLU backward of w[r] * d into d_gate_up[r], in float32."""
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.load(w_ptr + row).to(gu_ptr.dtype.element_ty).to(tl.float32)
+    dot = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < inter
+        g = tl.load(gu_ptr + row * gu_s + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * gu_s + inter + cols, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(dh_ptr + row * dh_s + cols, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        h = (g * s * u).to(gu_ptr.dtype.element_ty).to(tl.float32)
+        dot += d * h
+        dh = d * w
+        d_gate = dh * u * s * (1.0 + g * (1.0 - s))
+        tl.store(d_gu_ptr + row * d_gu_s + cols, d_gate.to(d_gu_ptr.dtype.element_ty), mask=m)
+        tl.store(d_gu_ptr + row * d_gu_s + inter + cols, (dh * g * s).to(d_gu_ptr.dtype.element_ty), mask=m)
+    tl.store(d_w_ptr + row, tl.sum(dot, 0))

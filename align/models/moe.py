@@ -96,6 +96,14 @@ class RoutingTrace:
         return {layer: routing.load(n_experts, token_mask) for layer, routing in self.layers.items()}
 
 
+@torch.compiler.disable
+def _record_outside_graph(trace: RoutingTrace, layer: int, routing: Routing, own: torch.Tensor | None) -> None:
+    """RoutingTrace.record from a compiled layer (train.compile), run eagerly: the layer's graphs never
+    guard on what the trace holds, so a checkpointed layer's recompute runs the graph its forward ran
+    (else the recompute recompiles and saves other tensors: torch.utils.checkpoint's CheckpointError)."""
+    trace.record(layer, routing, own)
+
+
 class Gate(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -234,7 +242,8 @@ class MoE(nn.Module):
             own = None
             if trace.own_choice:  # without replay the gate's choice is its own
                 own = routing.experts if forced is None else self.gate.choose(routing.scores.detach())
-            trace.record(self.layer_idx, routing, own)
+            record = _record_outside_graph if torch.compiler.is_compiling() else RoutingTrace.record
+            record(trace, self.layer_idx, routing, own)  # eager (decode graphs capture it): the plain method
         out = self.experts(flat, routing.weights, routing.experts).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -131,7 +131,7 @@ class LoopSection:
     # attention, re-run only the cheap ops (backward re-runs no GEMM; align/train/activation_checkpointing.py)
     gradient_checkpointing: Literal[False, True, "selective"] = False
     # torch.compile of each decoder layer (never the whole model); auto = off on CPU; on CUDA on for
-    # `align sft`, off for rl / rm, as measured (align/train/regional_compile.py: AUTO_ON_CUDA)
+    # `align sft` and `align rl`, off for rm, as measured (align/train/regional_compile.py: AUTO_ON_CUDA)
     compile: Literal["auto", True, False] = "auto"
     aux_loss_alpha: float | None = ranged(None, NON_NEGATIVE)  # MoE balance-loss coefficient; null = config's
     seed: int = ranged(0, SEED)

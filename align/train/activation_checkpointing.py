@@ -15,7 +15,7 @@ for every aten op the layer's forward dispatches. On the paths a training forwar
 
 Layers are switched one by one: each DecoderLayer gets an instance `forward` (a `LayerForward`) that
 checkpoints, and runs through the compiled `run_layer` when train.compile is on (align/train/
-regional_compile.py), so the checkpoint sits inside the compiled region. Eval and generation (no
+regional_compile.py, which says where the checkpoint sits for each mode). Eval and generation (no
 gradient, or the module in eval mode) run the layer's own forward.
 """
 

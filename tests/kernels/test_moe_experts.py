@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align.kernels.grouped_mm import grouped_linear
 from align.kernels.moe_experts import (
     Combine,
+    ExpertTail,
     _combine_triton,
     _expert_mlp_triton,
     _sort_by_expert_triton,
@@ -17,6 +19,8 @@ from align.kernels.moe_experts import (
     routed_experts,
     sort_by_expert_reference,
 )
+from align.kernels.swiglu import swiglu_reference
+from align.train.activation_memory import saved_bytes
 from tests.kernels.conftest import DEVICE, DTYPES
 
 
@@ -105,3 +109,77 @@ def test_routed_experts_equals_the_per_token_loop():
             gate, up = (gate_up[experts[t, j]] @ x[t]).chunk(2)
             want[t] += weights[t, j].double() * (down[experts[t, j]] @ (F.silu(gate) * up))
     torch.testing.assert_close(routed_experts(x, weights, experts, gate_up, down), want)
+
+
+def tail_case(dtype, tokens, k, n_experts, hidden, inter, seed=0):
+    gen = torch.Generator().manual_seed(seed + tokens * k + inter)
+    choice = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)])
+    source, position, ends = sort_by_expert_reference(choice, n_experts)
+    gate_up = torch.randn(tokens * k, 2 * inter, generator=gen).to(dtype)
+    down = (torch.randn(n_experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    weights = torch.rand(tokens, k, generator=gen)
+    grad = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    return gate_up, down, ends, source, position, weights, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,k,n_experts,hidden,inter", [(64, 6, 8, 256, 128), (5, 2, 3, 40, 600), (1, 1, 2, 16, 16)]
+)
+def test_expert_tail_matches_reference_forward_and_backward(dtype, tokens, k, n_experts, hidden, inter):
+    """ExpertTail (SwiGLU, frozen down product, combine; the routing weights' gradient through the down
+    weight) against the unfused reference path in float64: output, gate_up and routing-weight gradients."""
+    gate_up, down, ends, source, position, weights, grad = tail_case(dtype, tokens, k, n_experts, hidden, inter)
+    leaves = [gate_up.to(DEVICE).clone().requires_grad_(), weights.to(DEVICE).clone().requires_grad_()]
+    index = [t.to(DEVICE) for t in (ends, source, position)]
+    out = ExpertTail.apply(leaves[0], down.to(DEVICE), *index, leaves[1])
+    out.backward(grad.to(DEVICE))
+    ref_leaves = [gate_up.double().requires_grad_(), weights.double().requires_grad_()]
+    gate, up = ref_leaves[0].chunk(2, dim=-1)
+    rows = grouped_linear(swiglu_reference(gate, up), down.double(), ends)
+    ref = combine_reference(rows, position, ref_leaves[1])
+    ref.backward(grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    torch.testing.assert_close(out.double().cpu() / ref.abs().max(), ref.detach() / ref.abs().max(), rtol=tol, atol=tol)
+    for ours, want in zip(leaves, ref_leaves, strict=True):
+        assert ours.grad.dtype == ours.dtype
+        scale = want.grad.abs().max()
+        torch.testing.assert_close(ours.grad.double().cpu() / scale, want.grad / scale, rtol=tol, atol=tol)
+
+
+def test_expert_tail_keeps_no_expert_outputs():
+    """What backward keeps: ExpertTail saves only its inputs; the unfused combine keeps the [T*k, H] rows."""
+    case = tail_case(torch.float32, 32, 4, 4, 64, 16)[:-1]
+    gate_up, down, ends, source, position, weights = (t.to(DEVICE) for t in case)
+    gate_up.requires_grad_()
+    weights.requires_grad_()
+    inputs = [gate_up, down, ends, source, position, weights]
+    tail, _ = saved_bytes(ExpertTail.apply, *inputs, exclude=inputs)
+    assert tail == 0
+
+    def unfused(gate_up, down, ends, source, position, weights):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return Combine.apply(grouped_linear(swiglu_reference(gate, up), down, ends), position, weights)
+
+    kept, _ = saved_bytes(unfused, *inputs, exclude=inputs)
+    assert kept >= 32 * 4 * 64 * 4  # at least the expert outputs, float32
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the fused tail serves CUDA 16-bit training only")
+def test_routed_experts_takes_the_tail_only_for_a_frozen_down_proj():
+    tokens, k, n_experts, hidden, inter = 48, 4, 8, 128, 64
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    experts = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, k, generator=gen).to(DEVICE).requires_grad_()
+    gate_up = (torch.randn(n_experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(DEVICE, torch.bfloat16)
+    down = (torch.randn(n_experts, hidden, inter, generator=gen) / inter**0.5).to(DEVICE, torch.bfloat16)
+    out = routed_experts(x, weights, experts, gate_up, down)
+    assert type(out.grad_fn).__name__ == "ExpertTailBackward"
+    trained = routed_experts(x, weights, experts, gate_up, down.clone().requires_grad_())
+    assert type(trained.grad_fn).__name__ == "CombineBackward"
+    grads = torch.autograd.grad(out.float().square().sum(), [x, weights])
+    want = torch.autograd.grad(trained.float().square().sum(), [x, weights])
+    for ours, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(ours.float() / ref.abs().max(), ref.float() / ref.abs().max(), rtol=3e-2, atol=3e-2)

@@ -8,6 +8,7 @@ import torch
 
 from align.models import build_model
 from align.models.model import DecoderLayer
+from align.models.moe import RoutingTrace
 from align.models.presets import preset_config
 from align.models.rope import RotaryEmbedding
 from align.train.activation_checkpointing import run_layer, set_layer_forward
@@ -91,7 +92,8 @@ def test_selective_keeps_less_than_no_checkpointing_and_more_than_full():
 
 def test_compile_enabled_auto_is_on_cuda_only_and_bools_are_as_set():
     assert not compile_enabled("auto", "cpu") and compile_enabled("auto", torch.device("cuda"))
-    assert not compile_enabled("auto", "cpu", "rl") and not compile_enabled("auto", "cuda", "rl")
+    assert not compile_enabled("auto", "cpu", "rl") and compile_enabled("auto", "cuda", "rl")
+    assert not compile_enabled("auto", "cpu", "rm") and not compile_enabled("auto", "cuda", "rm")
     assert compile_enabled(True, "cpu", "rl")
     assert compile_enabled(True, "cpu") and not compile_enabled(False, "cuda")
     with pytest.raises(ValueError, match=r"train.compile: expected one of 'auto', true, false, got 'yes'"):
@@ -110,3 +112,75 @@ def test_compiled_layers_match_eager_under_each_checkpointing_mode():
         torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
         for name, g in grads.items():
             torch.testing.assert_close(compiled[name], g, rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_a_routing_trace_adds_no_guards_to_compiled_layers():
+    """A checkpointed compiled layer's recompute must run the graph its forward ran: what a RoutingTrace
+    (GRPO's routing observation) records is written outside the graph, so calling again with the trace now
+    holding the layer's routing compiles nothing new (a guard on it would: torch.utils.checkpoint's
+    CheckpointError on the GPU, where the layer has no graph breaks)."""
+    torch._dynamo.reset()
+    layer, (x, cos, sin, mask) = layer_and_inputs()
+    compiled = torch.compile(run_layer, backend="aot_eager")
+    trace = RoutingTrace(own_choice=True)
+    compiled(layer, False, x, cos, sin, mask, routing=trace)
+    recorded = trace.layers[1].experts.clone()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(layer, False, x, cos, sin, mask, routing=trace)
+    assert torch.equal(trace.layers[1].experts, recorded) and torch.equal(trace.own[1], recorded)
+
+
+def kept_after_forward(layer, inputs) -> int:
+    """CUDA bytes a training forward of layer leaves allocated beyond its outputs (what backward reads)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = layer(*inputs)
+    torch.cuda.synchronize()
+    outputs = sum(t.untyped_storage().nbytes() for t in out if isinstance(t, torch.Tensor))
+    kept = torch.cuda.memory_allocated() - before - outputs
+    out[0].float().sum().backward()
+    return kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor and the bf16 Triton path need a GPU")
+def test_compiled_full_checkpointing_keeps_what_eager_keeps_on_cuda():
+    """train.compile with gradient_checkpointing true keeps only the layer input, as eager does (the
+    checkpoint wraps the compiled layer): no more than eager's, far below the layer without checkpointing."""
+    torch._dynamo.reset()
+    layer, (x, cos, sin, mask) = layer_and_inputs(tokens=4096)
+    layer = layer.to("cuda", torch.bfloat16)
+    inputs = (x.detach().to("cuda", torch.bfloat16).requires_grad_(), cos.cuda(), sin.cuda(), mask)
+    runner = compile_layer_runner(run_layer)
+    kept = {}
+    for name, mode, run in (("eager", True, None), ("compiled", True, runner), ("none", False, runner)):
+        set_layer_forward(layer, mode, run)
+        kept_after_forward(layer, inputs)  # compiles, warms the allocator
+        kept[name] = kept_after_forward(layer, inputs)
+    assert kept["compiled"] <= kept["eager"] + (1 << 20), kept
+    assert kept["none"] > 4 * max(kept["compiled"], 1 << 20), kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor and the bf16 Triton path need a GPU")
+def test_compiled_checkpointed_layers_with_a_routing_trace_on_cuda():
+    """A RoutingTrace (GRPO's routing observation) passed through compiled, checkpointed layers: the
+    recompute in backward runs the graph the forward ran (no CheckpointError), over two row lengths,
+    with the loss and gradients of eager (bf16: the adapters' gradients as one vector, within 5%)."""
+    torch._dynamo.reset()
+    model = tiny_model(True, torch.bfloat16).cuda()
+    runner = compile_layer_runner(run_layer)
+    for length in (24, 40, 24):
+        ids = torch.randint(0, 1024, (2, length), generator=torch.Generator().manual_seed(length)).cuda()
+        results = []
+        for run in (None, runner):
+            set_layer_forward(model, True, run)
+            model.zero_grad(set_to_none=True)
+            trace = RoutingTrace(own_choice=True)
+            with torch.autocast("cuda", torch.bfloat16):  # as the product's accelerator runs it (fp32 adapters)
+                loss = model(ids, labels=ids, return_logits=False, routing=trace).loss
+            loss.backward()
+            grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+            results.append((loss.detach().float(), grads, len(trace.layers)))
+        (eager_loss, eager, eager_layers), (loss, compiled, layers) = results
+        assert layers == eager_layers > 0
+        torch.testing.assert_close(loss, eager_loss, rtol=2e-2, atol=0)
+        assert (compiled - eager).norm() < 0.05 * eager.norm(), ((compiled - eager).norm(), eager.norm())
