@@ -3,6 +3,8 @@
 python bench/bench_sft.py --out bench/results/sft.json         # GPU: deepseek-v2-lite shape, random bf16 (~6 min)
 python bench/bench_sft.py --smoke --out /tmp/sft.json           # CPU: tiny preset, fp32, short rows
 python bench/bench_sft.py --align-only --processes 2 --out ...  # `accelerate launch --num_processes 2` vs 1 process
+python bench/bench_sft.py --rows long --max-length 32768 --micro 1 --skip-trl --out ...  # long rows, one document each
+python bench/bench_sft.py --full --layers 4 --out ...           # full fine-tuning of a 4-layer V2-Lite slice
 
 Data: the script writes chats.jsonl, `--chats` chats of 200-2,000 tokens (uniform; user ~1/4, assistant
 ~3/4 of each), random number words, the committed tiny tokenizer (its 1,024 ids; the model keeps V2-Lite's
@@ -15,7 +17,10 @@ grad_accum 1, gradient checkpointing, train.compile as the product's default (au
 compiled on CUDA; --compile false for eager), AdamW lr 2e-4. tokens/s = the product's own `train/tokens_per_s`
 (non-padding tokens of the global batch / step wall time, logged every step), median over the steps after
 --warmup; peak = its `train/peak_gib`. The same on long.jsonl with packing false (rows of one 4,096-token
-document: the unpacked step of equal row length) gives `packed_vs_unpacked`.
+document: the unpacked step of equal row length) gives `packed_vs_unpacked`. `--rows long` makes those
+long rows (one document of --max-length tokens each, packing false) the rows every implementation trains on
+(TRL left out: its packing has no unpacked equivalent here). `--full`: no LoRA (full fine-tuning, every
+implementation); `--layers N`: the preset cut to its first N decoder layers (model.config num_hidden_layers).
 
 transformers + peft (the peer at its best built-in configuration): transformers' DeepseekV2ForCausalLM
 (sdpa, experts `grouped_mm`, no compile), the same LoRA config (align.train.lora), gradient checkpointing
@@ -85,13 +90,15 @@ def write_data(work: Path, args) -> tuple[Path, Path]:
 
 def recipe_text(data: Path, run_dir: Path, args, packing: bool) -> str:
     """The recipe `align sft` runs (YAML)."""
+    layers = f", config: {{num_hidden_layers: {args.layers}}}" if args.layers else ""
+    routed = str(args.routed_experts).lower()
+    lora = "" if args.full else f"lora: {{r: 16, alpha: 32, dropout: 0.0, routed_experts: {routed}}}\n"
     return f"""\
-model: {{preset: {args.preset}, dtype: {args.dtype}}}
+model: {{preset: {args.preset}, dtype: {args.dtype}{layers}}}
 tokenizer: {{path: tiny}}
 data: {{train: {data}, max_length: {args.max_length}, packing: {str(packing).lower()}, train_on: assistant,
        truncation: right}}
-lora: {{r: 16, alpha: 32, dropout: 0.0, routed_experts: {str(args.routed_experts).lower()}}}
-optim: {{lr: {LR}, betas: [0.9, 0.95], weight_decay: 0.0}}
+{lora}optim: {{lr: {LR}, betas: [0.9, 0.95], weight_decay: 0.0}}
 schedule: {{name: constant, warmup_steps: 0}}
 train: {{steps: {args.steps}, micro_batch_size: {args.micro}, grad_accum: 1, max_grad_norm: 1.0,
         bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: {args.checkpointing},
@@ -136,12 +143,18 @@ def product_rows(recipe: Path) -> tuple[list[dict], list[int], list[int]]:
     data = prepare_data(parsed, load_tokenizer_for(parsed), Accelerator(cpu=True), lambda message: None)
     docs = []
     for row, end in zip(data.train, data.tokens, strict=True):
+        row.setdefault("position_ids", list(range(len(row["input_ids"]))))  # unpacked: one document a row
         starts = [i for i, p in enumerate(row["position_ids"][:end]) if p == 0] + [end]
         docs += [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     return data.train, data.tokens, docs
 
 
 # ------------------------------------------------------------------------------------ transformers
+
+
+def model_overrides(args) -> dict:
+    """Config overrides of the benchmarked shape (--layers)."""
+    return {"num_hidden_layers": args.layers} if args.layers else {}
 
 
 def transformers_model(preset: str, dtype: torch.dtype, device: str, **overrides):
@@ -170,11 +183,12 @@ def documents_isolated() -> bool:
     return bool(torch.allclose(packed, alone, atol=1e-4, rtol=1e-4))
 
 
-def lora_wrap(model, routed_experts: bool):
+def lora_wrap(model, routed_experts: bool, full: bool = False):
+    """The peer as benchmarked: gradient checkpointing, and the LoRA config unless --full."""
     from align.train.lora import apply_lora, lora_config
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=routed_experts))
+    return model if full else apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=routed_experts))
 
 
 def sync(device: str) -> None:
@@ -184,7 +198,8 @@ def sync(device: str) -> None:
 
 def bench_transformers(rows: list[dict], tokens: list[int], args) -> dict:
     """The peer's training step on the rows align trained on, `--steps` steps of `--micro` rows."""
-    model = lora_wrap(transformers_model(args.preset, args.torch_dtype, args.device), args.routed_experts).train()
+    base = transformers_model(args.preset, args.torch_dtype, args.device, **model_overrides(args))
+    model = lora_wrap(base, args.routed_experts, args.full).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -247,7 +262,7 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
     from align.train.lora import lora_config
     from data_tools.tokenizer import load_tokenizer
 
-    model = transformers_model(args.preset, args.torch_dtype, args.device)
+    model = transformers_model(args.preset, args.torch_dtype, args.device, **model_overrides(args))
     config = SFTConfig(
         output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0,
@@ -259,7 +274,8 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
     clock = trl_clock(args.device)
     lora = lora_config(model, r=16, alpha=32.0, routed_experts=args.routed_experts)
     trainer = SFTTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(chats))["train"],
-                         processing_class=load_tokenizer("tiny"), peft_config=lora, callbacks=[clock])
+                         processing_class=load_tokenizer("tiny"), peft_config=None if args.full else lora,
+                         callbacks=[clock])
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -369,6 +385,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="align's train.compile (each decoder layer; default the product's auto: on for "
                              "align sft on CUDA; the peers are not compiled)")
+    parser.add_argument("--rows", default="packed", choices=["packed", "long"],
+                        help="packed: the mixed chats packed into --max-length rows; long: one document of "
+                             "--max-length tokens per row (unpacked; TRL left out)")
+    parser.add_argument("--max-length", type=int, default=None, help="row length (default 4096; smoke 256)")
+    parser.add_argument("--layers", type=int, default=None, help="the preset's first N decoder layers only")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning (no LoRA), every implementation")
     parser.add_argument("--routed-experts", action="store_true",
                         help="LoRA on the routed experts too (lora.routed_experts; peft's target_parameters for peers)")
     args = parser.parse_args()
@@ -376,7 +398,12 @@ def parse_args() -> argparse.Namespace:
     args.preset = "tiny" if args.smoke else "deepseek-v2-lite"
     args.dtype = "float32" if args.smoke else "bfloat16"
     args.torch_dtype = getattr(torch, args.dtype)
-    args.max_length, args.min_tokens, args.max_tokens = (256, 20, 120) if args.smoke else (4096, 200, 2000)
+    default_length, args.min_tokens, args.max_tokens = (256, 20, 120) if args.smoke else (4096, 200, 2000)
+    args.max_length = args.max_length or default_length
+    if args.rows == "long":
+        args.skip_trl = args.skip_unpacked = True  # the long rows are the rows; TRL packs, it has no such run
+    if args.full and args.routed_experts:
+        raise SystemExit("--full trains every weight: --routed-experts (LoRA on the experts) does not apply")
     if args.smoke:
         args.chats, args.micro, args.steps, args.warmup = 40, 2, 4, 1
     if not args.smoke and not torch.cuda.is_available():
@@ -394,15 +421,18 @@ def header(args, docs: list[int]) -> dict:
             "preset": args.preset, "dtype": args.dtype, "packed": True, "max_length": args.max_length,
             "micro_batch": args.micro, "steps": args.steps, "warmup_steps": args.warmup,
             "baseline_experts": BASELINE_EXPERTS,
-            "lora": {"r": 16, "alpha": 32, "targets": "align default", "routed_experts": args.routed_experts},
+            "rows": args.rows, "layers": args.layers, "full_finetuning": args.full,
+            "lora": None if args.full else {"r": 16, "alpha": 32, "targets": "align default",
+                                            "routed_experts": args.routed_experts},
             "documents": {"count": len(docs), "min": min(docs), "median": statistics.median(docs), "max": max(docs)}}
 
 
 def run_product(args, work: Path, chats: Path, long: Path) -> dict:
     """align sft on the mixed chats (packed), on N processes if asked, and on long rows unpacked."""
     out = {}
-    runs = [("align", chats, True, 1)] + ([] if args.skip_unpacked else [("align_unpacked", long, False, 1)])
-    runs += [("align_ddp", chats, True, args.processes)] if args.processes > 1 else []
+    main_rows = (chats, True) if args.rows == "packed" else (long, False)
+    runs = [("align", *main_rows, 1)] + ([] if args.skip_unpacked else [("align_unpacked", long, False, 1)])
+    runs += [("align_ddp", *main_rows, args.processes)] if args.processes > 1 else []
     for name, data, packing, processes in runs:
         recipe, run_dir = work / f"{name}.yaml", work / name
         recipe.write_text(recipe_text(data, run_dir, args, packing))
@@ -426,7 +456,7 @@ def main() -> None:
         rows, tokens, docs = product_rows(work / "align.yaml")
         from align.models import preset_config
 
-        flops = flops_per_token(preset_config(args.preset), docs)
+        flops = flops_per_token(preset_config(args.preset, **model_overrides(args)), docs)
         result = {**header(args, docs), **product, "flops_per_token": flops}
         align_tps = product["align"]["tokens_per_s"]
         result.update({"align_tokens_per_s": align_tps, "align_peak_gib": product["align"]["peak_gib"],

@@ -1,4 +1,4 @@
-"""The issue-19 benchmark entry points run end to end at their CPU smoke size (the GPU numbers come from the
+"""Benchmark entry points (issues 14, 19) run end to end at their CPU smoke size (the GPU numbers come from the
 same code: bench/BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -35,3 +35,15 @@ def test_bench_grpo_variable_lengths_smoke(tmp_path):
     variable = json.loads(out.read_text())["align"]["variable"]
     assert 0 < variable["ratio"] and variable["fixed_length"] == round(variable["lengths"]["mean"])
     assert variable["lengths"]["max"] <= 24 and variable["lengths"]["min"] < variable["lengths"]["max"]
+
+
+def test_bench_sft_long_rows_full_finetuning_smoke(tmp_path):
+    """bench_sft's issue-14 modes: rows of one long document each (unpacked), full fine-tuning of a
+    layer slice; the product's own `align sft` runs them."""
+    out = tmp_path / "sft.json"
+    run("bench_sft.py", "--smoke", "--rows", "long", "--full", "--layers", "2", "--align-only", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["rows"] == "long" and result["full_finetuning"] and result["lora"] is None
+    assert result["layers"] == 2 and result["align_tokens_per_s"] > 0
+    assert result["documents"]["min"] == result["documents"]["max"] == result["max_length"] == 256
+    assert "align_unpacked" not in result and "trl" not in result

@@ -4,8 +4,12 @@
 softmax(hidden @ weight.T / temperature), in float32, with a backward that recomputes each chunk's
 logits instead of storing them. Peak extra memory is one [chunk, V] float32 block (chunk 1024 ×
 vocab 102400 = 400 MiB) instead of [N, V] logits plus their gradient (N = 8192: 3.4 GiB each).
-`linear_cross_entropy` builds the causal-LM loss on it; `linear_logprobs_reference` is the plain
-PyTorch computation it is tested against.
+`linear_logprobs_reference` is the plain PyTorch computation it is tested against.
+
+`linear_cross_entropy`, the causal-LM loss (SFT), takes its gradient in the forward instead: its loss
+is a sum whose gradient is known there up to the incoming scalar, so each chunk's logits give the loss
+term and (softmax - onehot) @ W at once, and backward only scales what the forward kept (an [N, H]
+gradient in place of the [N, H] hidden states): the LM head is multiplied once per step, not twice.
 """
 
 from __future__ import annotations
@@ -85,6 +89,53 @@ class LinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+class LinearNLLSum(torch.autograd.Function):
+    """sum_n -log softmax(hidden[n] @ weight.T)[targets[n]], its gradients computed in the forward
+    (where `grads` asks: they need the inputs' requires_grad and grad mode, known only outside)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, targets, chunk, grads):
+        want_hidden, want_weight = grads
+        acc = _acc_dtype(hidden.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            h, t = hidden[sl], targets[sl]
+            logits, lse, logp = _chunk_stats(h, weight, t, 1.0)  # [c, V], [c], [c]
+            total -= logp.sum()
+            if want_hidden or want_weight:  # d(-log p_t) / d logits = softmax - onehot(t)
+                probs = logits.sub_(lse[:, None]).exp_()  # [c, V], in place of the logits
+                grad_logits = probs.scatter_add_(1, t[:, None], -torch.ones_like(logp)[:, None]).to(h.dtype)
+                if want_hidden:
+                    grad_hidden[sl] = grad_logits @ weight
+                if want_weight:
+                    grad_weight += (grad_logits.T @ h).to(acc)
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_total):
+        kept = list(ctx.saved_tensors)
+        grad_hidden = kept.pop(0) * grad_total if ctx.grads[0] else None
+        grad_weight = kept.pop(0) * grad_total if ctx.grads[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK):
+    """hidden [N, H], weight [V, H], targets [N] -> sum_n -log p(targets[n]) (float32 or wider), with the
+    gradients (of what requires one, in grad mode) taken in the forward chunk by chunk."""
+    on = torch.is_grad_enabled()
+    grads = (on and hidden.requires_grad, on and weight.requires_grad)
+    return LinearNLLSum.apply(hidden, weight, targets, chunk, grads)
+
+
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
     chunk: int = CHUNK,
@@ -110,11 +161,11 @@ def linear_cross_entropy(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Causal-LM loss from final hidden states [B, S, H] and unshifted labels [B, S]: the mean (or the
-    sum over `num_items_in_batch`) of -log p(labels[t+1] | ..t), as transformers' ForCausalLMLoss."""
+    sum over `num_items_in_batch`) of -log p(labels[t+1] | ..t), as transformers' ForCausalLMLoss;
+    gradients taken in the forward (linear_nll_sum)."""
     targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]  # [B, S], shifted left
     keep = targets != ignore_index
-    logp = linear_logprobs(hidden[keep], weight, targets[keep])  # [n]
-    total = -logp.sum()
+    total = linear_nll_sum(hidden[keep], weight, targets[keep])  # [n] tokens -> scalar
     denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     if torch.is_tensor(denom):
         denom = denom.to(total.device)

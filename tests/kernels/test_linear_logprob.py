@@ -12,6 +12,7 @@ from align.kernels.linear_logprob import (
     linear_logprobs,
     linear_logprobs_entropy,
     linear_logprobs_reference,
+    linear_nll_sum,
 )
 
 
@@ -85,4 +86,68 @@ def test_backward_under_autocast_with_mixed_dtypes():
     logp.sum().backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
     linear_logprobs_reference(ref_hidden, weight.float(), targets).sum().backward()
+    assert torch.linalg.norm(hidden.grad - ref_hidden.grad) < 0.05 * torch.linalg.norm(ref_hidden.grad)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_nll_sum_gradients_from_the_forward_match_reference(chunk):
+    """linear_nll_sum's gradients (taken in the forward, scaled by the incoming gradient in backward)
+    against the plain logits path in float64, for the hidden states and a trainable head."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(41, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 41, (30,), generator=gen)
+    total = linear_nll_sum(hidden, weight, targets, chunk=chunk)
+    ref = -linear_logprobs_reference(hidden, weight, targets).sum()
+    torch.testing.assert_close(total, ref, rtol=1e-12, atol=0)
+    ours = torch.autograd.grad(total * 2.5, (hidden, weight))
+    want = torch.autograd.grad(ref * 2.5, (hidden, weight))
+    for a, b in zip(ours, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    frozen = linear_nll_sum(hidden, weight.detach(), targets, chunk=chunk)
+    (only_hidden,) = torch.autograd.grad(frozen * 2.5, hidden)
+    torch.testing.assert_close(only_hidden, want[0], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_nll_sum(hidden, weight, targets, chunk=chunk), ref.detach())
+
+
+def test_cross_entropy_backward_multiplies_no_lm_head():
+    """The causal-LM loss takes its gradient in the forward: backward runs no matrix product (the LM
+    head, [tokens, vocab], is multiplied in the forward only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 9, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(23, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 23, (2, 9), generator=gen)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    with Products() as products:
+        loss.backward()
+    assert products.count == 0 and hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast")
+def test_cross_entropy_under_autocast_with_mixed_dtypes():
+    """The SFT loss with float32 hidden states and a bf16 head under autocast (gradients taken in the
+    forward's autocast state): its value and hidden-state gradient match the float32 reference."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 20, 32, generator=gen).cuda().requires_grad_()
+    weight = (torch.randn(300, 32, generator=gen) / 6).cuda().bfloat16()
+    labels = torch.randint(0, 300, (2, 20), generator=gen).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = ForCausalLMLoss(ref_hidden @ weight.float().T, labels, vocab_size=300)
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=0)
     assert torch.linalg.norm(hidden.grad - ref_hidden.grad) < 0.05 * torch.linalg.norm(ref_hidden.grad)
