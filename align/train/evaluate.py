@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from align.kernels.linear_logprob import linear_nll_sum
 from data_tools.chat import IGNORE_INDEX
 
 
@@ -35,9 +36,11 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
     """(summed cross-entropy of the trained tokens / n_items, MoE balance loss or 0).
 
     With `head` (the output Linear, usable outside the wrapped forward: one process, or DDP with a
-    frozen head), logits are computed only where a label is trained; a chat batch trains ~20% of
-    its positions, so this skips most of the LM head and its softmax. Without it, the model's own
-    transformers causal-LM loss (all positions) is used. Same value either way."""
+    frozen head), the head is applied only where a label is trained (a chat batch trains ~20% of its
+    positions); a plain Linear head goes through the fused chunked loss (linear_nll_sum: never the
+    [trained tokens, vocab] logits, the gradient taken in the forward), any other module (an adapter on
+    the head) through its own forward. Without it, the model's own causal-LM loss (all positions, the
+    same fused loss without logits). Same value every way."""
     if head is None:
         out = model(**batch, num_items_in_batch=n_items, return_logits=False)
         aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
@@ -46,8 +49,12 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # position t predicts label t + 1
-    logits = head(out.last_hidden_state[:, :-1][keep]).float()  # [trained tokens, vocab]
-    ce = F.cross_entropy(logits, targets[keep], reduction="sum") / n_items
+    hidden = out.last_hidden_state[:, :-1][keep]  # [trained tokens, H]
+    if type(head) is torch.nn.Linear and head.bias is None:
+        ce = linear_nll_sum(hidden, head.weight, targets[keep]) / n_items
+    else:
+        logits = head(hidden).to(torch.promote_types(hidden.dtype, torch.float32))  # [trained tokens, vocab]
+        ce = F.cross_entropy(logits, targets[keep], reduction="sum") / n_items
     aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
     return ce, aux
 
