@@ -81,7 +81,7 @@ def write_chats(path: Path, count: int, low: int, high: int, seed: int) -> None:
 def write_data(work: Path, args) -> tuple[Path, Path]:
     chats, long = work / "chats.jsonl", work / "long.jsonl"
     write_chats(chats, args.chats, args.min_tokens, args.max_tokens, seed=0)
-    write_chats(long, args.micro * (args.steps + 1), args.max_length + 200, args.max_length + 400, seed=1)
+    write_chats(long, args.rows_per_step * (args.steps + 1), args.max_length + 200, args.max_length + 400, seed=1)
     return chats, long
 
 
@@ -91,6 +91,7 @@ def write_data(work: Path, args) -> tuple[Path, Path]:
 def recipe_text(data: Path, run_dir: Path, args, packing: bool) -> str:
     """The recipe `align sft` runs (YAML)."""
     layers = f", config: {{num_hidden_layers: {args.layers}}}" if args.layers else ""
+    split = f"batch_size: {args.batch_size}" if args.micro == "auto" else "grad_accum: 1"
     routed = str(args.routed_experts).lower()
     lora = "" if args.full else f"lora: {{r: 16, alpha: 32, dropout: 0.0, routed_experts: {routed}}}\n"
     return f"""\
@@ -100,7 +101,7 @@ data: {{train: {data}, max_length: {args.max_length}, packing: {str(packing).low
        truncation: right}}
 {lora}optim: {{lr: {LR}, betas: [0.9, 0.95], weight_decay: 0.0}}
 schedule: {{name: constant, warmup_steps: 0}}
-train: {{steps: {args.steps}, micro_batch_size: {args.micro}, grad_accum: 1, max_grad_norm: 1.0,
+train: {{steps: {args.steps}, micro_batch_size: {args.micro}, {split}, max_grad_norm: 1.0,
         bf16: {str(args.device == 'cuda').lower()}, gradient_checkpointing: {args.checkpointing},
         compile: {args.compile}, seed: 0, log_every: 1,
         eval_every: 0, save_every: 0}}
@@ -372,7 +373,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results/sft.json")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, short rows")
     parser.add_argument("--chats", type=int, default=320)
-    parser.add_argument("--micro", type=int, default=4, help="packed rows per step (every implementation)")
+    parser.add_argument("--micro", default="4", help="packed rows per step (every implementation); auto: align's "
+                        "train.micro_batch_size auto splitting --batch-size rows (align only)")
+    parser.add_argument("--batch-size", type=int, default=None, help="with --micro auto: rows per step")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
     parser.add_argument("--processes", type=int, default=1, help="align: also run on N processes (DDP)")
@@ -394,6 +397,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--routed-experts", action="store_true",
                         help="LoRA on the routed experts too (lora.routed_experts; peft's target_parameters for peers)")
     args = parser.parse_args()
+    if args.micro != "auto":
+        args.micro = int(args.micro)
+    elif not (args.batch_size and args.align_only):
+        raise SystemExit("--micro auto times align alone (--align-only) and needs --batch-size")
     args.device = "cpu" if args.smoke else "cuda"
     args.preset = "tiny" if args.smoke else "deepseek-v2-lite"
     args.dtype = "float32" if args.smoke else "bfloat16"
@@ -405,7 +412,9 @@ def parse_args() -> argparse.Namespace:
     if args.full and args.routed_experts:
         raise SystemExit("--full trains every weight: --routed-experts (LoRA on the experts) does not apply")
     if args.smoke:
-        args.chats, args.micro, args.steps, args.warmup = 40, 2, 4, 1
+        args.chats, args.steps, args.warmup = 40, 4, 1
+        args.micro = "auto" if args.micro == "auto" else 2
+    args.rows_per_step = args.batch_size if args.micro == "auto" else args.micro
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")
     return args

@@ -39,11 +39,12 @@ def test_bench_grpo_variable_lengths_smoke(tmp_path):
 
 def test_bench_sft_long_rows_full_finetuning_smoke(tmp_path):
     """bench_sft's issue-14 modes: rows of one long document each (unpacked), full fine-tuning of a
-    layer slice; the product's own `align sft` runs them."""
+    layer slice, micro_batch_size auto; the product's own `align sft` runs them."""
     out = tmp_path / "sft.json"
-    run("bench_sft.py", "--smoke", "--rows", "long", "--full", "--layers", "2", "--align-only", "--out", str(out))
+    run("bench_sft.py", "--smoke", "--rows", "long", "--full", "--layers", "2", "--align-only", "--micro", "auto",
+        "--batch-size", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["rows"] == "long" and result["full_finetuning"] and result["lora"] is None
-    assert result["layers"] == 2 and result["align_tokens_per_s"] > 0
+    assert result["layers"] == 2 and result["align_tokens_per_s"] > 0 and result["micro_batch"] == "auto"
     assert result["documents"]["min"] == result["documents"]["max"] == result["max_length"] == 256
     assert "align_unpacked" not in result and "trl" not in result

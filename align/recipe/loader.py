@@ -6,11 +6,13 @@ Rules:
 - every YAML key must be a field of its section; an unknown key is an error naming the file, the
   key and the closest valid key;
 - values are checked against the field's annotation (int, float, bool, str, Literal[...], X | None,
+  a union of these such as `int | Literal["auto"]` (the first member that takes the value wins),
   list[X], dict[str, Any], nested dataclasses, `Section | None` for optional sections);
 - an override `a.b=value` is parsed by the type of field `a.b` (so `output.run_dir=123` stays a
   string) and `lora=null` switches an optional section off, `lora.r=8` switches it on;
 - floats must be finite; a numeric field declared with `ranged(default, Range(...))` must lie in
-  its range (the error names the key and the range), checked as each section is built;
+  its range (the error names the key and the range; a union's non-numeric choice is not a number and
+  is not range-checked), checked as each section is built;
 - after construction each dataclass's `validate()` method (if any) checks cross-field rules and
   raises RecipeError.
 """
@@ -94,6 +96,8 @@ def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
             continue
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for i, item in items:
+            if not isinstance(item, int | float) or isinstance(item, bool):
+                continue  # a union's non-numeric choice ('auto')
             if item not in valid:
                 key = _join(prefix, f.name) + ("" if i is None else f"[{i}]")
                 raise RecipeError(f"{where}: '{key}' must be {valid}, got {item!r}")
@@ -119,6 +123,11 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _members(tp: Any) -> tuple:
+    """The members of a union annotation without None (int | Literal["auto"]), else ()."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+
+
 def _shown(choice: Any) -> str:
     """A Literal choice as YAML writes it (true, not True)."""
     return str(choice).lower() if isinstance(choice, bool) else repr(choice)
@@ -128,6 +137,8 @@ def type_name(tp: Any) -> str:
     inner, optional = _split_optional(tp)
     if optional:
         return f"{type_name(inner)} or null"
+    if _members(inner):
+        return " or ".join(type_name(member) for member in _members(inner))
     origin = typing.get_origin(inner)
     if origin is Literal:
         return "one of " + ", ".join(_shown(a) for a in typing.get_args(inner))
@@ -183,6 +194,13 @@ def convert(value: Any, tp: Any, where: str, key: str, root: type | None = None)
     if value is None:
         if optional:
             return None
+        raise _fail(where, key, tp, value)
+    if _members(inner):
+        for member in _members(inner):
+            try:
+                return convert(value, member, where, key, root)
+            except RecipeError:
+                continue
         raise _fail(where, key, tp, value)
     origin = typing.get_origin(inner)
     if _is_section(inner):

@@ -150,12 +150,25 @@ class LoopSection:
 class TrainSection(LoopSection):
     steps: int | None = ranged(None, AT_LEAST_1)  # optimizer steps; or
     epochs: float | None = ranged(None, POSITIVE)  # passes over the training rows
-    micro_batch_size: int = ranged(8, AT_LEAST_1)  # rows per process per forward
+    # rows per process per forward; auto (align sft): the largest that fits the GPU's memory, splitting
+    # train.batch_size with grad_accum derived (align/train/micro_batch.py)
+    micro_batch_size: int | Literal["auto"] = ranged(8, AT_LEAST_1)
     grad_accum: int = ranged(1, AT_LEAST_1)
+    batch_size: int | None = ranged(None, AT_LEAST_1)  # rows per optimizer step, all processes: with auto only
 
     def validate(self, where: str) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise RecipeError(f"{where}: set exactly one of 'train.steps' or 'train.epochs'")
+        if self.micro_batch_size == "auto":
+            if self.batch_size is None:
+                raise RecipeError(f"{where}: 'train.micro_batch_size: auto' needs 'train.batch_size' (rows per "
+                                  "optimizer step, all processes), the batch it splits into micro-batches")
+            if self.grad_accum != 1:
+                raise RecipeError(f"{where}: with 'train.micro_batch_size: auto' leave 'train.grad_accum' out: "
+                                  "it is derived (train.batch_size / processes / the micro-batch chosen)")
+        elif self.batch_size is not None:
+            raise RecipeError(f"{where}: 'train.batch_size' goes with 'train.micro_batch_size: auto'; with an "
+                              "integer micro_batch_size a step takes micro_batch_size x grad_accum x processes rows")
 
 
 @dataclass
@@ -390,3 +403,8 @@ class RMRecipe(RecipeBase):
     eval: RMEvalSection = field(default_factory=RMEvalSection)
     output: RMOutputSection = field(default_factory=RMOutputSection)
     rm: RMSection = field(default_factory=RMSection)
+
+    def validate(self, where: str) -> None:
+        if self.train.micro_batch_size == "auto":
+            raise RecipeError(f"{where}: 'train.micro_batch_size: auto' is built for align sft; align rm takes a "
+                              "number of pairs per forward")

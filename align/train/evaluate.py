@@ -32,15 +32,21 @@ def shard(items: Sequence, rank: int, world: int) -> tuple[list, int]:
     return mine, real
 
 
+def fused_head(hidden: torch.Tensor, head: torch.nn.Module) -> bool:
+    """Whether trained_token_loss takes the fused chunked head loss: CUDA, a plain bias-free Linear head."""
+    return hidden.is_cuda and type(head) is torch.nn.Linear and head.bias is None
+
+
 def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy of the trained tokens / n_items, MoE balance loss or 0).
 
     With `head` (the output Linear, usable outside the wrapped forward: one process, or DDP with a
     frozen head), the head is applied only where a label is trained (a chat batch trains ~20% of its
-    positions); a plain Linear head goes through the fused chunked loss (linear_nll_sum: never the
-    [trained tokens, vocab] logits, the gradient taken in the forward), any other module (an adapter on
-    the head) through its own forward. Without it, the model's own causal-LM loss (all positions, the
-    same fused loss without logits). Same value every way."""
+    positions). On CUDA a plain Linear head goes through the fused chunked loss (linear_nll_sum: never
+    the [trained tokens, vocab] logits, gigabytes at V2-Lite's vocabulary; the gradient taken in the
+    forward); elsewhere, and for any other module (an adapter on the head), logits and cross-entropy (the
+    path the tiny defaults' figures were measured on). Without it, the model's own causal-LM loss (all
+    positions, the fused loss without logits). Same value every way."""
     if head is None:
         out = model(**batch, num_items_in_batch=n_items, return_logits=False)
         aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
@@ -50,7 +56,7 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # position t predicts label t + 1
     hidden = out.last_hidden_state[:, :-1][keep]  # [trained tokens, H]
-    if type(head) is torch.nn.Linear and head.bias is None:
+    if fused_head(hidden, head):
         ce = linear_nll_sum(hidden, head.weight, targets[keep]) / n_items
     else:
         logits = head(hidden).to(torch.promote_types(hidden.dtype, torch.float32))  # [trained tokens, vocab]

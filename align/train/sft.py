@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from align.recipe import SFTRecipe
 from align.train import checkpointing as ckpt
-from align.train import guards, run, rundir
+from align.train import guards, micro_batch, run, rundir
 from align.train.evaluate import eval_loss, exact_match_eval, trained_token_loss
 from align.train.metrics import progress_bar
 from align.train.order import DataOrder, local_micro_batches
@@ -124,11 +124,10 @@ def train_step(setup: Setup, batches: Sequence[dict], n_items: int, recipe: SFTR
             "train/grad_norm": norm.item(), "train/lr": lr, "_skipped": skipped}
 
 
-def step_batches(data: SFTData, order: DataOrder, step: int, recipe: SFTRecipe, accelerator):
+def step_batches(data: SFTData, order: DataOrder, step: int, micro_batch_size: int, accelerator):
     """(this process's micro-batches, trained tokens of the global batch, tokens of the global batch)."""
     indices = order.step_rows(step)
-    micro = local_micro_batches(indices, accelerator.process_index, accelerator.num_processes,
-                                recipe.train.micro_batch_size)
+    micro = local_micro_batches(indices, accelerator.process_index, accelerator.num_processes, micro_batch_size)
     batches = [data.collate([data.train[i] for i in rows]) for rows in micro]
     return batches, sum(data.trained[i] for i in indices), sum(data.tokens[i] for i in indices)
 
@@ -167,16 +166,17 @@ def _run_sft(recipe: SFTRecipe) -> dict:
     with rundir.removed_on_failure(opened, accelerator):
         tokenizer = run.load_tokenizer_for(recipe)
         data = prepare_data(recipe, tokenizer, accelerator, say)
-        rows_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
+        rows_per_step = micro_batch.rows_per_step(t, accelerator.num_processes)
         steps = total_steps(recipe, len(data.train), rows_per_step)
         setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, opened.resume, task=data)
+        micro, _ = micro_batch.choose_micro_batch(setup, data, t, trained_token_loss, say)
         run.write_recipe(opened, recipe, accelerator)
     say(f"{accelerator.num_processes} process(es), {setup.distribution}, device {accelerator.device}, "
         f"{steps} steps of {rows_per_step} rows ({steps * rows_per_step / len(data.train):.2f} epochs)")
     if setup.resume is None:  # per-process streams (dropout); a resumed run restored its own
         set_seed(t.seed + accelerator.process_index)
     with run.feedback(recipe, setup, opened.path) as log:
-        return train_loop(Loop(setup, data, tokenizer, recipe, steps, rows_per_step, log, say))
+        return train_loop(Loop(setup, data, tokenizer, recipe, steps, rows_per_step, micro, log, say))
 
 
 @dataclass
@@ -187,6 +187,7 @@ class Loop:
     recipe: SFTRecipe
     steps: int
     rows_per_step: int
+    micro_batch_size: int  # rows per forward (train.micro_batch_size, or what auto chose)
     log: run.Log
     say: run.Say
 
@@ -201,7 +202,7 @@ def train_loop(loop: Loop) -> dict:
     window: list[dict] = []  # the applied steps since the last log record
     clock, tokens = time.perf_counter(), 0
     for step in range(setup.start_step, steps):
-        batches, n_items, n_tokens = step_batches(data, order, step, recipe, accelerator)
+        batches, n_items, n_tokens = step_batches(data, order, step, loop.micro_batch_size, accelerator)
         result, done = train_step(setup, batches, max(n_items, 1), recipe, accelerator), step + 1
         if result.pop("_skipped"):
             loop.say(guard.skipped(done, result))  # raises past train.max_nonfinite_steps

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from align.models import build_model
+from align.train import evaluate
 from align.train.evaluate import trained_token_loss
 from align.train.lora import apply_lora, lora_config
 
@@ -43,10 +44,20 @@ class Wrapped(torch.nn.Module):
         return self.linear(x)
 
 
-def test_fused_head_loss_equals_logits_cross_entropy():
+def test_fused_head_loss_equals_logits_cross_entropy(monkeypatch):
     model, batch = model_and_batch()
     head = model.get_output_embeddings()
-    assert type(head) is torch.nn.Linear  # the fused path is the one taken
+    assert type(head) is torch.nn.Linear
+    fused = []
+    real = evaluate.linear_nll_sum
+
+    def spy(hidden, *args, **kwargs):
+        fused.append(hidden.shape)
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "linear_nll_sum", spy)
+    assert not evaluate.fused_head(torch.zeros(1), head)  # on the CPU the plain path runs; here, the CUDA one:
+    monkeypatch.setattr(evaluate, "fused_head", lambda hidden, h: type(h) is torch.nn.Linear)
     trained = [p for p in model.parameters() if p.requires_grad]
     want = reference_loss(model, batch, 30)
     want_grads = torch.autograd.grad(want, trained)
@@ -58,3 +69,4 @@ def test_fused_head_loss_equals_logits_cross_entropy():
             torch.testing.assert_close(g / scale, 3.0 * w / scale, rtol=0, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(trained_token_loss(model, batch, 30, head)[0], want.detach())
+    assert len(fused) == 2  # the plain head and the no-grad call; the wrapped head ran its own forward
