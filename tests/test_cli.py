@@ -90,7 +90,7 @@ def test_bad_recipe_value_and_file(tmp_path, capsys):
     assert n == 1
     bad.write_text(text)
     assert main(["sft", str(bad), f"output.run_dir={tmp_path / 'run'}"]) == 2
-    assert "key 'train.micro_batch_size' expects int, got 'lots'" in capsys.readouterr().err
+    assert "key 'train.micro_batch_size' expects int or one of 'auto', got 'lots'" in capsys.readouterr().err
     assert main(["sft", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -90,7 +90,7 @@ def test_unknown_override_key(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("train.micro_batch_size=abc", r"key 'train.micro_batch_size' expects int, got 'abc'"),
+    ("train.micro_batch_size=abc", r"key 'train.micro_batch_size' expects int or one of 'auto', got 'abc'"),
     ("train.steps=1.5", r"key 'train.steps' expects int or null, got 1.5"),
     ("train.bf16=maybe", r"key 'train.bf16' expects bool, got 'maybe'"),
     ("data.truncation=left", r"key 'data.truncation' expects one of 'right', 'drop', got 'left'"),
