@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from align.kernels.linear_logprob import linear_nll_sum
+from align.kernels.linear_logprob import linear_cross_entropy
 from data_tools.chat import IGNORE_INDEX
 
 
@@ -42,7 +42,7 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
 
     With `head` (the output Linear, usable outside the wrapped forward: one process, or DDP with a
     frozen head), the head is applied only where a label is trained (a chat batch trains ~20% of its
-    positions). On CUDA a plain Linear head goes through the fused chunked loss (linear_nll_sum: never
+    positions). On CUDA a plain Linear head goes through the fused chunked loss (linear_cross_entropy: never
     the [trained tokens, vocab] logits, gigabytes at V2-Lite's vocabulary; the gradient taken in the
     forward); elsewhere, and for any other module (an adapter on the head), logits and cross-entropy (the
     path the tiny defaults' figures were measured on). Without it, the model's own causal-LM loss (all
@@ -53,12 +53,12 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
         return out.loss - aux, aux
     labels = batch["labels"]
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX  # position t predicts label t + 1
-    hidden = out.last_hidden_state[:, :-1][keep]  # [trained tokens, H]
-    if fused_head(hidden, head):
-        ce = linear_nll_sum(hidden, head.weight, targets[keep]) / n_items
+    if fused_head(out.last_hidden_state, head):
+        ce = linear_cross_entropy(out.last_hidden_state, head.weight, labels, n_items)
     else:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # position t predicts label t + 1
+        hidden = out.last_hidden_state[:, :-1][keep]  # [trained tokens, H]
         logits = head(hidden).to(torch.promote_types(hidden.dtype, torch.float32))  # [trained tokens, vocab]
         ce = F.cross_entropy(logits, targets[keep], reduction="sum") / n_items
     aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())

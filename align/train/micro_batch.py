@@ -81,22 +81,24 @@ def probe(setup, row: dict, collate: Callable, loss_fn: Callable, device: torch.
     return fits
 
 
-def choose_micro_batch(setup, data, train, loss_fn: Callable, say: Callable[[str], None]) -> tuple[int, int]:
-    """(micro_batch_size, grad_accum) for this run: as the recipe says, or picked as the module says."""
+def choose_micro_batch(setup, data, train, loss_fn: Callable, say: Callable[[str], None]) -> int:
+    """This run's micro_batch_size: as the recipe says, or picked as the module says (grad_accum follows
+    from rows_per_step)."""
     accelerator = setup.accelerator
     if train.micro_batch_size != "auto":
-        return train.micro_batch_size, train.grad_accum
+        return train.micro_batch_size
     share = rows_per_step(train, accelerator.num_processes) // accelerator.num_processes
     device = accelerator.device
     if device.type != "cuda":
         say(f"micro_batch_size auto: {share} rows per forward (no device memory to probe on {device.type})")
-        return share, 1
+        return share
     if setup.sharded:
         raise RecipeError("train.micro_batch_size: auto cannot probe under FSDP (an out-of-memory error inside its "
                           "collectives would stall the other processes); set an integer micro_batch_size")
     longest = max(range(len(data.train)), key=data.tokens.__getitem__)
     with torch.random.fork_rng(devices=[device]):
         pick = largest_fitting(candidates(share), probe(setup, data.train[longest], data.collate, loss_fn, device))
+    torch.cuda.reset_peak_memory_stats(device)  # train/peak_gib reports training, not the probe's candidates
     agreed = torch.tensor(pick or 0, device=device)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
@@ -106,4 +108,4 @@ def choose_micro_batch(setup, data, train, loss_fn: Callable, say: Callable[[str
                           "train.gradient_checkpointing")
     micro = int(agreed.item())
     say(f"micro_batch_size auto: {micro} rows per forward x grad_accum {share // micro} (probed on {device})")
-    return micro, share // micro
+    return micro

@@ -169,7 +169,7 @@ def _run_sft(recipe: SFTRecipe) -> dict:
         rows_per_step = micro_batch.rows_per_step(t, accelerator.num_processes)
         steps = total_steps(recipe, len(data.train), rows_per_step)
         setup = setup_model(recipe, tokenizer, accelerator, steps, rows_per_step, say, opened.resume, task=data)
-        micro, _ = micro_batch.choose_micro_batch(setup, data, t, trained_token_loss, say)
+        micro = micro_batch.choose_micro_batch(setup, data, t, trained_token_loss, say)
         run.write_recipe(opened, recipe, accelerator)
     say(f"{accelerator.num_processes} process(es), {setup.distribution}, device {accelerator.device}, "
         f"{steps} steps of {rows_per_step} rows ({steps * rows_per_step / len(data.train):.2f} epochs)")
