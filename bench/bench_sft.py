@@ -24,10 +24,12 @@ implementation); `--layers N`: the preset cut to its first N decoder layers (mod
 
 transformers + peft (the peer at its best built-in configuration): transformers' DeepseekV2ForCausalLM
 (sdpa, experts `grouped_mm`, no compile), the same LoRA config (align.train.lora), gradient checkpointing
-(non-reentrant), AdamW; fed the very packed rows `align sft` trained on (align.train.sft.prepare_data) as
-transformers takes packed rows: input_ids, labels, position_ids, no attention mask; loss over all
-labelled positions by its own LM head. TRL: trl.SFTTrainer on chats.jsonl (packing, bfd, max_length 4096,
-which turns on its padding-free collator), same model, LoRA, micro-batch, bf16, checkpointing.
+(non-reentrant; --peer-checkpointing true false also times it without), AdamW, --peer-micro rows per step
+(default --micro: align's configuration and the peers' can differ, each at its best); fed the very
+packed rows `align sft` trained on (align.train.sft.prepare_data) as transformers takes packed rows:
+input_ids, labels, position_ids, no attention mask; loss over all labelled positions by its own LM head.
+TRL: trl.SFTTrainer on chats.jsonl (packing, bfd, max_length 4096, which turns on its padding-free
+collator), same model, LoRA, bf16, the peers' micro-batch and (first) checkpointing setting.
 `documents_isolated` says, per peer, whether its packed rows keep documents apart, checked on a small
 config: transformers' logits of a packed row vs each document alone.
 
@@ -184,11 +186,12 @@ def documents_isolated() -> bool:
     return bool(torch.allclose(packed, alone, atol=1e-4, rtol=1e-4))
 
 
-def lora_wrap(model, routed_experts: bool, full: bool = False):
-    """The peer as benchmarked: gradient checkpointing, and the LoRA config unless --full."""
+def lora_wrap(model, routed_experts: bool, full: bool = False, checkpointing: bool = True):
+    """The peer as benchmarked: gradient checkpointing (unless off), and the LoRA config unless --full."""
     from align.train.lora import apply_lora, lora_config
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model if full else apply_lora(model, lora_config(model, r=16, alpha=32.0, routed_experts=routed_experts))
 
 
@@ -197,16 +200,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_transformers(rows: list[dict], tokens: list[int], args) -> dict:
-    """The peer's training step on the rows align trained on, `--steps` steps of `--micro` rows."""
+def bench_transformers(rows: list[dict], tokens: list[int], args, checkpointing: bool = True) -> dict:
+    """The peer's training step on the rows align trained on, `--steps` steps of `--peer-micro` rows."""
     base = transformers_model(args.preset, args.torch_dtype, args.device, **model_overrides(args))
-    model = lora_wrap(base, args.routed_experts, args.full).train()
+    model = lora_wrap(base, args.routed_experts, args.full, checkpointing).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rates, losses = [], []
     for step in range(args.steps):
-        picked = [(step * args.micro + i) % len(rows) for i in range(args.micro)]
+        picked = [(step * args.peer_micro + i) % len(rows) for i in range(args.peer_micro)]
         batch = {key: torch.tensor([rows[i][key] for i in picked], device=args.device)
                  for key in ("input_ids", "labels", "position_ids")}
         sync(args.device)
@@ -223,7 +226,8 @@ def bench_transformers(rows: list[dict], tokens: list[int], args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
     del model, opt
     free(args.device)
-    return {"tokens_per_s": statistics.median(rates[args.warmup:]), "peak_gib": peak, "losses": losses}
+    return {"tokens_per_s": statistics.median(rates[args.warmup:]), "peak_gib": peak, "losses": losses,
+            "micro_batch": args.peer_micro, "gradient_checkpointing": checkpointing}
 
 
 def free(device: str) -> None:
@@ -265,9 +269,9 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
 
     model = transformers_model(args.preset, args.torch_dtype, args.device, **model_overrides(args))
     config = SFTConfig(
-        output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=args.micro,
+        output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=args.peer_micro,
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=args.peer_checkpointing[0], gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=args.device == "cuda", max_length=args.max_length, packing=True, logging_steps=1,
         save_strategy="no", report_to="none", include_num_input_tokens_seen="non_padding", seed=0,
         use_cpu=args.device == "cpu", dataloader_num_workers=0,
@@ -286,7 +290,8 @@ def bench_trl(chats: Path, work: Path, args) -> dict:
     del trainer, model
     free(args.device)
     return {"tokens_per_s": statistics.median(rates), "peak_gib": peak, "losses": losses,
-            "tokens_per_step": statistics.median(tokens for _, tokens in clock.steps)}
+            "tokens_per_step": statistics.median(tokens for _, tokens in clock.steps),
+            "micro_batch": args.peer_micro, "gradient_checkpointing": args.peer_checkpointing[0]}
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -384,7 +389,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-unpacked", action="store_true", help="no unpacked equal-length run")
     parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
     parser.add_argument("--checkpointing", default="true", choices=["true", "false", "selective"],
-                        help="align's train.gradient_checkpointing (the peers keep theirs on)")
+                        help="align's train.gradient_checkpointing (the peers': --peer-checkpointing)")
+    parser.add_argument("--peer-micro", type=int, default=None, help="the peers' rows per step (default --micro)")
+    parser.add_argument("--peer-checkpointing", nargs="+", default=["true"], choices=["true", "false"],
+                        help="the peers' gradient checkpointing; transformers + peft runs once per value "
+                             "(the first is `transformers`, the others `transformers_checkpointing_<value>`), TRL "
+                             "with the first")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="align's train.compile (each decoder layer; default the product's auto: on for "
                              "align sft on CUDA; the peers are not compiled)")
@@ -415,6 +425,8 @@ def parse_args() -> argparse.Namespace:
         args.chats, args.steps, args.warmup = 40, 4, 1
         args.micro = "auto" if args.micro == "auto" else 2
     args.rows_per_step = args.batch_size if args.micro == "auto" else args.micro
+    args.peer_micro = args.peer_micro or args.rows_per_step
+    args.peer_checkpointing = [value == "true" for value in args.peer_checkpointing]
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")
     return args
@@ -473,7 +485,15 @@ def main() -> None:
                        "mfu_formula": "(6 * n_active + attention) FLOPs/token * tokens/s / 790e12"})
         if not args.align_only:
             result["documents_isolated"] = {"align": True, "transformers": documents_isolated()}
-            result["transformers"] = bench_transformers(rows, tokens, args)
+            result["transformers"] = bench_transformers(rows, tokens, args, args.peer_checkpointing[0])
+            for value in args.peer_checkpointing[1:]:
+                try:
+                    extra = bench_transformers(rows, tokens, args, value)
+                except torch.OutOfMemoryError as error:  # a configuration that does not fit is a result too
+                    free(args.device)
+                    extra = {"error": f"out of memory: {str(error).splitlines()[0]}", "micro_batch": args.peer_micro}
+                result[f"transformers_checkpointing_{str(value).lower()}"] = extra
+                print("transformers", json.dumps(extra), flush=True)
             result.update({"baseline_tokens_per_s": result["transformers"]["tokens_per_s"],
                            "baseline_peak_gib": result["transformers"]["peak_gib"],
                            "speedup": align_tps / result["transformers"]["tokens_per_s"]})

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 _enabled = os.environ.get("ALIGN_TRITON", "1") != "0"
+_COMPILED_OPS = os.environ.get("ALIGN_COMPILED_OPS", "inductor")  # or "triton"
 
 
 def triton_enabled() -> bool:
@@ -51,6 +52,14 @@ def triton_ready(t: torch.Tensor, half: bool = False) -> bool:
     if not _enabled or not t.is_cuda or (half and t.dtype not in (torch.bfloat16, torch.float16)):
         return False
     return _importable()
+
+
+def left_to_inductor() -> bool:
+    """Whether an elementwise op with a training kernel (RMSNorm, SwiGLU, RoPE) runs as its PyTorch
+    reference because torch.compile is tracing it: inductor then fuses it with its neighbours, and its
+    partitioner may recompute its output in the backward instead of keeping it (a Triton autograd.Function
+    is opaque to both). ALIGN_COMPILED_OPS=triton keeps the kernels in compiled code too (to measure)."""
+    return _COMPILED_OPS != "triton" and torch.compiler.is_compiling()
 
 
 def needs_autograd(*tensors: torch.Tensor) -> bool:

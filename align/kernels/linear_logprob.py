@@ -10,6 +10,11 @@ vocab 102400 = 400 MiB) instead of [N, V] logits plus their gradient (N = 8192: 
 is a sum whose gradient is known there up to the incoming scalar, so each chunk's logits give the loss
 term and (softmax - onehot) @ W at once, and backward only scales what the forward kept (an [N, H]
 gradient in place of the [N, H] hidden states): the LM head is multiplied once per step, not twice.
+
+Per chunk, what follows the head GEMM (log-sum-exp, the target's log-prob, the entropy; softmax - onehot,
+scaled) is `logits_stats` / `logits_grad`: on CUDA two Triton kernels that read the GEMM's 16-bit logits
+in place (one pass for the statistics, one that overwrites them with their gradient), elsewhere their
+PyTorch references (`logits_stats_reference`, `logits_grad_reference`, float32 [c, V] blocks).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
+
 CHUNK = 1024
+BLOCK = 4096  # vocabulary tile of the row kernels
 
 
 def linear_logprobs_reference(
@@ -38,10 +46,85 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float):
-    logits = (h @ weight.T).to(_acc_dtype(h.dtype)) / temperature  # [c, V]
-    lse = logits.logsumexp(-1)  # [c]
-    return logits, lse, logits.gather(1, t[:, None]).squeeze(1) - lse
+def logits_stats_reference(
+    logits: torch.Tensor, t: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """logits [c, V] (the head GEMM's output), t [c] -> (lse, log p(t), entropy or None) [c] each, of
+    softmax(logits / T), float32 or wider."""
+    x = logits.to(_acc_dtype(logits.dtype)) / temperature  # [c, V]
+    lse = x.logsumexp(-1)  # [c]
+    logp = x.gather(1, t[:, None]).squeeze(1) - lse
+    # H = lse - sum_v p_v * logit_v, from the same chunk of logits
+    entropy = lse - (x - lse[:, None]).exp().mul_(x).sum(-1) if with_entropy else None
+    return lse, logp, entropy
+
+
+def logits_grad_reference(
+    logits: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor | None, temperature: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """d(sum_n -scale_n * log p_n(t_n)) / d logits [c, V] in `dtype`: scale[:, None] * (softmax(logits / T)
+    - onehot(t)) / T; scale None: 1 (with T 1: the cross-entropy's softmax - onehot)."""
+    probs = (logits.to(_acc_dtype(logits.dtype)) / temperature - lse[:, None]).exp_()  # [c, V]
+    if scale is None:
+        return probs.scatter_add_(1, t[:, None], -torch.ones_like(lse)[:, None]).to(dtype)
+    g = scale[:, None].to(probs.dtype)  # d logp(t) / d logits = (onehot(t) - p) / T, times the gradient
+    return (probs.mul_(-g).scatter_add_(1, t[:, None], g) / temperature).to(dtype)
+
+
+def logits_stats(logits, t, temperature: float, with_entropy: bool = False):
+    """As logits_stats_reference; on CUDA one Triton pass over the logits in their own dtype."""
+    if not triton_ready(logits):
+        return logits_stats_reference(logits, t, temperature, with_entropy)
+    return row_stats_triton(logits, t, temperature, with_entropy)
+
+
+def logits_grad(logits, t, lse, scale, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """As logits_grad_reference; on CUDA one Triton pass that overwrites the logits with their gradient
+    (in the logits' dtype: the GEMM that takes it reads that dtype)."""
+    if not triton_ready(logits):
+        return logits_grad_reference(logits, t, lse, scale, temperature, dtype)
+    return row_grad_triton(logits, t, lse, scale, temperature)
+
+
+def row_stats_triton(logits: torch.Tensor, t: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """logits [c, V] (any float dtype, unit last stride), t [c] -> (lse, log p(t), entropy or None), float32."""
+    from align.kernels import linear_logprob_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("row_stats", logits=logits)
+    rows, vocab = logits.shape
+    lse, logp = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+    entropy = torch.empty_like(lse) if with_entropy else lse
+    if rows:
+        linear_logprob_triton.row_stats_kernel[(rows,)](
+            logits, logits.stride(0), t.contiguous(), lse, logp, entropy, vocab, float(temperature),
+            ENTROPY=with_entropy, BLOCK=min(BLOCK, _pow2(vocab)), num_warps=8,
+        )
+    return lse, logp, entropy if with_entropy else None
+
+
+def row_grad_triton(
+    logits: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """In place: logits [c, V] <- logits_grad_reference's value, in the logits' dtype."""
+    from align.kernels import linear_logprob_triton  # Triton only where the kernels run
+
+    require_contiguous_last_dim("row_grad", logits=logits)
+    rows, vocab = logits.shape
+    if scale is None:
+        scale = torch.ones(rows, dtype=torch.float32, device=logits.device)
+    else:
+        scale = (-scale.float() / temperature).contiguous()  # (p - onehot) * (-g / T) = (onehot - p) * g / T
+    if rows:
+        linear_logprob_triton.row_grad_kernel[(rows,)](
+            logits, logits.stride(0), t.contiguous(), lse.float().contiguous(), scale, vocab, float(temperature),
+            BLOCK=min(BLOCK, _pow2(vocab)), num_warps=8,
+        )
+    return logits
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -56,9 +139,10 @@ class LinearLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits, lse[sl], out[sl] = _chunk_stats(hidden[sl], weight, targets[sl], temperature)
-            if with_entropy:  # H = lse - sum_v p_v * logit_v, from the same chunk of logits
-                entropy[sl] = lse[sl] - (logits - lse[sl, None]).exp().mul_(logits).sum(-1)
+            logits = hidden[sl] @ weight.T  # [c, V]
+            lse[sl], out[sl], chunk_entropy = logits_stats(logits, targets[sl], temperature, with_entropy)
+            if with_entropy:
+                entropy[sl] = chunk_entropy
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(entropy)
@@ -75,11 +159,9 @@ class LinearLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
-            probs = ((h @ weight.T).to(acc) / temperature - lse[sl, None]).exp()  # [c, V]
             # d logp(t) / d logits = (onehot(t) - p) / T, scaled by the incoming gradient
-            g = grad_out[sl, None].to(acc)
-            grad_logits = probs.mul_(-g).scatter_add_(1, targets[sl, None], g)
-            grad_logits = (grad_logits / temperature).to(h.dtype)
+            logits = h @ weight.T  # [c, V]
+            grad_logits = logits_grad(logits, targets[sl], lse[sl], grad_out[sl], temperature, h.dtype)
             if grad_hidden is not None:
                 grad_hidden[sl] = grad_logits @ weight
             if grad_weight is not None:
@@ -104,11 +186,11 @@ class LinearNLLSum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h, t = hidden[sl], targets[sl]
-            logits, lse, logp = _chunk_stats(h, weight, t, 1.0)  # [c, V], [c], [c]
+            logits = h @ weight.T  # [c, V]
+            lse, logp, _ = logits_stats(logits, t, 1.0)  # [c] each
             total -= logp.sum()
             if want_hidden or want_weight:  # d(-log p_t) / d logits = softmax - onehot(t)
-                probs = logits.sub_(lse[:, None]).exp_()  # [c, V], in place of the logits
-                grad_logits = probs.scatter_add_(1, t[:, None], -torch.ones_like(logp)[:, None]).to(h.dtype)
+                grad_logits = logits_grad(logits, t, lse, None, 1.0, h.dtype)  # [c, V]
                 if want_hidden:
                     grad_hidden[sl] = grad_logits @ weight
                 if want_weight:

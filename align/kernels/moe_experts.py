@@ -101,10 +101,12 @@ def sort_by_expert_reference(experts: torch.Tensor, n_experts: int) -> tuple[tor
     tokens, k = experts.shape
     flat = experts.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)  # [T*k] slot of each sorted row
-    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
-    counts.index_add_(0, flat, torch.ones_like(flat))  # [E], no host sync (unlike bincount on CUDA)
+    # each expert's end row, by binary search of the sorted ids: no host sync (unlike bincount on CUDA), no
+    # atomics or per-call sort (a counting index_add_ is a sort-based index_put under compile, 0.5 ms a layer)
+    experts_ids = torch.arange(n_experts, device=flat.device, dtype=flat.dtype)
+    ends = torch.searchsorted(flat[order], experts_ids, right=True).to(torch.int32)  # [E]
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
-    return order // k, position.view(tokens, k), torch.cumsum(counts, 0, dtype=torch.int32)
+    return order // k, position.view(tokens, k), ends
 
 
 def expert_mlp_reference(

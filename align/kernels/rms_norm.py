@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from align.kernels.dispatch import kernel_path, pow2_block, triton_ready
+from align.kernels.dispatch import kernel_path, left_to_inductor, pow2_block, triton_ready
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,7 +25,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H], weight [H] -> RMSNorm(x), by the Triton kernels (with backward) where they run."""
-    if weight.dtype == x.dtype and triton_ready(x, half=True):
+    if weight.dtype == x.dtype and triton_ready(x, half=True) and not left_to_inductor():
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 

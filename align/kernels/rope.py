@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from align.kernels.dispatch import pow2_block, triton_ready
+from align.kernels.dispatch import left_to_inductor, pow2_block, triton_ready
 
 
 def apply_rope_reference(
@@ -37,7 +37,7 @@ def _kernel_shapes(x: torch.Tensor, cos: torch.Tensor) -> bool:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
     """As apply_rope_reference; by the Triton kernels (with backward) where they run."""
-    if _kernel_shapes(x, cos) and sin.shape == cos.shape and triton_ready(x, half=True):
+    if _kernel_shapes(x, cos) and sin.shape == cos.shape and triton_ready(x, half=True) and not left_to_inductor():
         return RoPE.apply(x, cos, sin, interleaved)
     return apply_rope_reference(x, cos, sin, interleaved)
 

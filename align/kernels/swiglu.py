@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.kernels.dispatch import triton_ready
+from align.kernels.dispatch import left_to_inductor, triton_ready
 
 BLOCK = 1024
 
@@ -24,7 +24,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [..., I] -> silu(gate) * up, by the Triton kernels where they run."""
-    if gate.dtype == up.dtype and gate.shape == up.shape and triton_ready(gate, half=True):
+    if gate.dtype == up.dtype and gate.shape == up.shape and triton_ready(gate, half=True) and not left_to_inductor():
         return SwiGLU.apply(gate, up)
     return swiglu_reference(gate, up)
 

@@ -2,9 +2,9 @@
 
 A row may hold several documents laid end to end (position_ids restart at 0 for each) and padding
 (attention_mask 0). Two forms of the same rule, chosen once per forward by `attention_layout`:
-- `Segments`: the real tokens of all rows flattened, cut into per-document segments, for the varlen
-  attention kernel (align.kernels.varlen_attention). No [S, S] mask; padding tokens skip attention
-  (their attention output is 0). Used where that kernel runs (CUDA, 16-bit).
+- `Segments`: the tokens of all rows flattened, cut into per-document segments, for the varlen
+  attention kernel (align.kernels.varlen_attention). No [S, S] mask; padding at a row's ends forms
+  segments of its own, padding inside a document is left out. Used where that kernel runs (CUDA, 16-bit).
 - a boolean [B|1, 1, S, past+S] mask (`attention_mask_for`) for SDPA elsewhere (CPU, float32, or
   queries over cached keys).
 Real tokens get the same attention from both; None means plain causal over whole rows.
@@ -48,28 +48,56 @@ def attention_mask_for(
 
 @dataclass(frozen=True)
 class Segments:
-    """The real tokens of a [B, S] batch as causal segments of the flattened B*S positions."""
+    """The tokens of a [B, S] batch as causal segments of the flattened B*S positions."""
 
-    cu_seqlens: torch.Tensor  # int32 [N + 1]: segment n is kept tokens cu[n] .. cu[n+1]-1
+    cu_seqlens: torch.Tensor  # int32 [N + 1]: segment n is tokens cu[n] .. cu[n+1]-1 (of `keep`, or of B*S)
     max_len: int  # the longest segment
     keep: torch.Tensor | None  # [T] flat indices (into B*S) of the real tokens; None = all B*S
 
 
 def segments_for(doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None, batch: int, seq: int,
                  device: torch.device) -> Segments:
-    """Segments of the real tokens: a new one at each row start and document change. doc_ids,
-    key_valid [B, S] or None. Padding inside a document (a hole) does not split it."""
+    """Segments of the tokens: a new one at each row start and document change. doc_ids, key_valid [B, S]
+    or None. Padding inside a document (a hole) does not split it.
+
+    Padding at a row's ends (right-padded chats, left-padded prompts) becomes segments of its own, which
+    attend among themselves and whose outputs nothing reads: the kernel then runs on the B*S tokens in place
+    (keep None), with no gather of q, k, v and scatter of the output in every layer. Only a hole makes the
+    segments of the real tokens alone, gathered through `keep`."""
     rows = torch.arange(batch, device=device)[:, None] * (seq + 1)  # [B, 1]: row ids apart from doc ids
     owner = (rows + (doc_ids if doc_ids is not None else 0)).expand(batch, seq).reshape(-1)  # [B*S]
-    keep = None
-    if key_valid is not None:
-        keep = key_valid.reshape(-1).nonzero().squeeze(1)  # [T]
-        owner = owner[keep]
+    if key_valid is None or not owner.numel():
+        return _cut(owner, None)
+    valid = key_valid.reshape(-1).bool()  # [B*S]
+    starts = _starts(owner * 2 + valid)  # documents and padding runs apart
+    kind, first_owner = valid[starts], owner[starts]  # [N] each: a real segment?, its document
+    index = torch.arange(starts.numel(), device=device)
+    last_real = torch.where(kind, index, -1).cummax(0).values  # [N]: the latest real segment up to n
+    before = torch.cat([last_real.new_tensor([-1]), last_real[:-1]])  # [N]: the latest real one before n
+    same_doc = first_owner[before.clamp(min=0)] == first_owner
+    hole = kind & (before >= 0) & (before != index - 1) & same_doc  # a real segment after padding, same document
+    cu = torch.cat([starts, starts.new_tensor([owner.numel()])]).to(torch.int32)  # [N + 1]
+    longest, has_hole = torch.stack([(cu[1:] - cu[:-1]).max(), hole.any().to(cu.dtype)]).tolist()
+    if not has_hole:
+        return Segments(cu, longest, None)
+    keep = valid.nonzero().squeeze(1)  # [T]
+    return _cut(owner[keep], keep)
+
+
+def _starts(owner: torch.Tensor) -> torch.Tensor:
+    """Flat indices where the owner changes (and 0): [N]. owner [n] non-empty."""
     first = torch.ones_like(owner, dtype=torch.bool)
     first[1:] = owner[1:] != owner[:-1]
-    starts = first.nonzero().squeeze(1)
+    return first.nonzero().squeeze(1)
+
+
+def _cut(owner: torch.Tensor, keep: torch.Tensor | None) -> Segments:
+    """Segments of runs of equal owner [T]."""
+    if not owner.numel():
+        return Segments(torch.zeros(1, dtype=torch.int32, device=owner.device), 0, keep)
+    starts = _starts(owner)
     cu = torch.cat([starts, starts.new_tensor([owner.numel()])]).to(torch.int32)  # [N + 1]
-    return Segments(cu, int((cu[1:] - cu[:-1]).max()) if owner.numel() else 0, keep)
+    return Segments(cu, int((cu[1:] - cu[:-1]).max()), keep)
 
 
 def segments_enabled(x: torch.Tensor) -> bool:

@@ -8,6 +8,9 @@ same peft modules with the same parameters and saved files; only their forward c
 - a wrapped nn.Linear returns base(x) + scaling · B(A(x)), what peft's own lora.Linear computes;
 - wrapped routed experts pass the factors to `routed_experts`, which adds two grouped products of
   rank r beside each frozen grouped GEMM (align/kernels/grouped_mm.py).
+peft's module-targeted lora.Linear (the attention projections) keeps its forward but, under autocast,
+no longer casts its input to the adapter's float32 (`AutocastLoraLinear`): that cast made every adapter
+keep its own 16-bit copy of x for backward (autocast casts it back) where they can share x itself.
 Disabled or merged adapters fall back to peft's forward. Only align's model is converted: a peer
 model keeps peft's behaviour (the benchmarks' baseline).
 """
@@ -15,11 +18,13 @@ model keeps peft's behaviour (the benchmarks' baseline).
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from align.kernels.grouped_mm import LowRank
 from align.kernels.moe_experts import routed_experts
+from align.models.mla import MLA
 from align.models.moe import MLP, Experts
 
 
@@ -41,6 +46,16 @@ class SplitLinear(ParamWrapper):
         for name in names:
             out = out + self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
         return out
+
+
+class AutocastLoraLinear(LoraLinear):
+    """peft's lora.Linear, leaving the input's dtype to autocast where autocast is on (same values: the
+    16-bit input went to float32 and back); without autocast, peft's cast to the adapter's dtype."""
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x is not None and torch.is_autocast_enabled(x.device.type):
+            return x
+        return super()._cast_input_dtype(x, dtype)
 
 
 def expert_factors(wrapper: ParamWrapper, name: str) -> LowRank:
@@ -75,11 +90,16 @@ class SplitExperts(ParamWrapper):
 
 
 def split_adapters(model: nn.Module) -> int:
-    """Give peft's ParamWrappers in align's MLPs and Experts the split forward, in place; returns how
-    many were converted (0 for a model that is not align's)."""
+    """Give peft's ParamWrappers in align's MLPs and Experts the split forward, and its lora.Linear
+    layers in align's attention the autocast input, in place; returns how many were converted (0 for a
+    model that is not align's)."""
     converted = 0
     for parent in model.modules():
         for child in parent.children():
+            if type(child) is LoraLinear and isinstance(parent, MLA):
+                child.__class__ = AutocastLoraLinear
+                converted += 1
+                continue
             if type(child) is not ParamWrapper:
                 continue
             base = child.get_base_layer()

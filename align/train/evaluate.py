@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from align.kernels.linear_logprob import linear_cross_entropy
+from align.kernels.linear_logprob import linear_nll_sum
 from data_tools.chat import IGNORE_INDEX
 
 
@@ -42,27 +42,34 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
 
     With `head` (the output Linear, usable outside the wrapped forward: one process, or DDP with a
     frozen head), the head is applied only where a label is trained (a chat batch trains ~20% of its
-    positions). On CUDA a plain Linear head goes through the fused chunked loss (linear_cross_entropy: never
-    the [trained tokens, vocab] logits, gigabytes at V2-Lite's vocabulary; the gradient taken in the
-    forward); elsewhere, and for any other module (an adapter on the head), logits and cross-entropy (the
-    path the tiny defaults' figures were measured on). Without it, the model's own causal-LM loss (all
-    positions, the fused loss without logits). Same value every way."""
+    positions), found before the forward, so that reading their count waits on no queued work. On CUDA a
+    plain Linear head goes through the fused chunked loss (linear_nll_sum: never the [trained tokens, vocab]
+    logits, gigabytes at V2-Lite's vocabulary; the gradient taken in the forward); elsewhere, and for any
+    other module (an adapter on the head), logits and cross-entropy (the path the tiny defaults' figures
+    were measured on). Without it, the model's own causal-LM loss (all positions, the fused loss without
+    logits). Same value every way."""
     if head is None:
         out = model(**batch, num_items_in_batch=n_items, return_logits=False)
         aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
         return out.loss - aux, aux
-    labels = batch["labels"]
+    index, targets = trained_positions(batch["labels"])
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
-    if fused_head(out.last_hidden_state, head):
-        ce = linear_cross_entropy(out.last_hidden_state, head.weight, labels, n_items)
+    hidden = out.last_hidden_state.flatten(0, 1).index_select(0, index)  # [trained tokens, H]
+    if fused_head(hidden, head):
+        ce = linear_nll_sum(hidden, head.weight, targets) / n_items
     else:
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # position t predicts label t + 1
-        hidden = out.last_hidden_state[:, :-1][keep]  # [trained tokens, H]
         logits = head(hidden).to(torch.promote_types(hidden.dtype, torch.float32))  # [trained tokens, vocab]
-        ce = F.cross_entropy(logits, targets[keep], reduction="sum") / n_items
+        ce = F.cross_entropy(logits, targets, reduction="sum") / n_items
     aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
     return ce, aux
+
+
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels [B, S] -> (flat indices into B*S of the positions whose next label is trained [n], those
+    labels [n]): position t predicts label t + 1."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*S], shifted left
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [n]
+    return index, targets[index]
 
 
 @torch.no_grad()

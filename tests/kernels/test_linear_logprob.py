@@ -14,6 +14,7 @@ from align.kernels.linear_logprob import (
     linear_logprobs_reference,
     linear_nll_sum,
 )
+from tests.kernels.conftest import DEVICE, DTYPES
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -151,3 +152,60 @@ def test_cross_entropy_under_autocast_with_mixed_dtypes():
     ref.backward()
     torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=0)
     assert torch.linalg.norm(hidden.grad - ref_hidden.grad) < 0.05 * torch.linalg.norm(ref_hidden.grad)
+
+
+@pytest.mark.parametrize("vocab,temperature", [(37, 1.0), (300, 0.7), (5000, 1.3)])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_row_stats_kernel_matches_reference(vocab, temperature, with_entropy):
+    pytest.importorskip("triton")
+    from align.kernels.linear_logprob import logits_stats_reference, row_stats_triton
+
+    gen = torch.Generator().manual_seed(vocab)
+    for dtype in DTYPES:
+        logits = (torch.randn(6, vocab, generator=gen) * 4).to(DEVICE, dtype)
+        t = torch.randint(0, vocab, (6,), generator=gen).to(DEVICE)
+        ours = row_stats_triton(logits, t, temperature, with_entropy)
+        ref = logits_stats_reference(logits, t, temperature, with_entropy)
+        for a, b in zip(ours, ref, strict=True):
+            if b is None:
+                assert a is None
+                continue
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,temperature", [(37, 1.0), (300, 0.7), (5000, 1.3)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_row_grad_kernel_matches_reference(vocab, temperature, scaled):
+    pytest.importorskip("triton")
+    from align.kernels.linear_logprob import logits_grad_reference, logits_stats_reference, row_grad_triton
+
+    gen = torch.Generator().manual_seed(vocab + 1)
+    for dtype in DTYPES:
+        logits = (torch.randn(6, vocab, generator=gen) * 4).to(DEVICE, dtype)
+        t = torch.randint(0, vocab, (6,), generator=gen).to(DEVICE)
+        scale = torch.randn(6, generator=gen).to(DEVICE) if scaled else None
+        lse = logits_stats_reference(logits, t, temperature)[0]
+        ref = logits_grad_reference(logits, t, lse, scale, temperature, torch.float32)
+        ours = row_grad_triton(logits.clone(), t, lse, scale, temperature)
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref, rtol=1e-2, atol=2e-3 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the row kernels inside the autograd functions: CUDA")
+def test_kernel_path_of_nll_and_logprobs_matches_the_reference_path():
+    from align.kernels.dispatch import use_triton
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(300, 64, generator=gen)).cuda().bfloat16().requires_grad_()
+    weight = (torch.randn(5000, 64, generator=gen) / 8).cuda().bfloat16()
+    targets = torch.randint(0, 5000, (300,), generator=gen).cuda()
+    results = []
+    for on in (True, False):
+        with use_triton(on):
+            nll = linear_nll_sum(hidden, weight, targets, chunk=128)
+            (g_nll,) = torch.autograd.grad(nll, hidden)
+            logp, ent = linear_logprobs_entropy(hidden, weight, targets, 0.8, chunk=128)
+            (g_lp,) = torch.autograd.grad(logp.sum(), hidden)
+        results.append([t.float() for t in (nll, g_nll, logp, ent, g_lp)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

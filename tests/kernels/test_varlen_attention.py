@@ -59,6 +59,38 @@ def test_segments_skip_padding_and_keep_holes_inside_a_document():
     assert plain.keep is None and plain.cu_seqlens.tolist() == [0, 6, 12]
 
 
+def test_padding_at_row_ends_is_segments_of_its_own():
+    doc_ids = torch.tensor([[1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 2, 2]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]])  # right, left, between docs
+    seg = segments_for(doc_ids, valid, 3, 6, torch.device("cpu"))
+    assert seg.keep is None and seg.max_len == 4
+    assert seg.cu_seqlens.tolist() == [0, 3, 5, 6, 8, 12, 14, 15, 18]
+
+
+@pytest.mark.parametrize("valid", [[1, 1, 0, 0, 1, 1], [1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 1, 0]])
+def test_any_hole_keeps_the_real_tokens_alone(valid):
+    seg = segments_for(torch.ones(1, 6, dtype=torch.long), torch.tensor([valid]), 1, 6, torch.device("cpu"))
+    assert seg.keep.tolist() == [i for i, v in enumerate(valid) if v]
+    assert seg.cu_seqlens.tolist() == [0, sum(valid)]
+
+
+def test_end_padding_segments_give_the_real_tokens_the_same_attention():
+    """Padding as segments of its own (keep None) vs the real tokens gathered: equal on every real token."""
+    gen = torch.Generator().manual_seed(0)
+    doc_ids = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 1, 1, 1]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
+    q, k = (torch.randn(16, 2, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(16, 2, 16, generator=gen, dtype=torch.float64)
+    seg = segments_for(doc_ids, valid, 2, 8, torch.device("cpu"))
+    assert seg.keep is None
+    out = varlen_attention_reference(q, k, v, seg.cu_seqlens, 0.3)
+    real = valid.reshape(-1).nonzero().squeeze(1)
+    owner = (doc_ids + torch.arange(2)[:, None] * 9).reshape(-1)[real]
+    cu = torch.cat([torch.tensor([0]), (owner[1:] != owner[:-1]).nonzero().squeeze(1) + 1, torch.tensor([16 - 4])])
+    ref = varlen_attention_reference(q[real], k[real], v[real], cu, 0.3)
+    torch.testing.assert_close(out[real], ref, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention varlen kernel needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths", [LENGTHS, [700, 1300, 96, 2000]])

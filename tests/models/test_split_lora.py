@@ -12,7 +12,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from align.kernels.grouped_mm import LowRank
 from align.kernels.moe_experts import routed_experts
 from align.models import build_model
-from align.models.split_lora import SplitExperts, SplitLinear, split_adapters
+from align.models.split_lora import AutocastLoraLinear, LoraLinear, SplitExperts, SplitLinear, split_adapters
 from align.train.lora import apply_lora, lora_config
 
 
@@ -84,9 +84,37 @@ def test_only_align_models_are_converted():
     )
     peer = DeepseekV2ForCausalLM(config)
     wrapped = apply_lora(peer, lora_config(peer, r=2, routed_experts=True))
-    assert not any(isinstance(m, SplitLinear | SplitExperts) for m in wrapped.modules())
+    assert not any(isinstance(m, SplitLinear | SplitExperts | AutocastLoraLinear) for m in wrapped.modules())
     assert any(type(m) is ParamWrapper for m in wrapped.modules())
     assert split_adapters(wrapped) == 0
+
+
+def test_attention_adapters_share_their_input_under_autocast():
+    """Under autocast the attention adapters take x as it is (autocast casts for the GEMM): same loss
+    and gradients as peft's cast to the float32 adapter, and fewer bytes kept for backward (q_proj and
+    kv_a_proj_with_mqa keep the one normed input, not a copy each)."""
+    from align.train.activation_memory import retained_bytes
+
+    model = build_model("tiny", seed=2, dtype=torch.bfloat16)
+    wrapped = apply_lora(model, lora_config(model, r=4))
+    adapted = [m for m in wrapped.modules() if type(m) is AutocastLoraLinear]
+    assert adapted and all(m.lora_A["default"].weight.dtype == torch.float32 for m in adapted)
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return wrapped(input_ids=ids).logits.float().square().mean()
+
+    kept, loss = retained_bytes(forward)
+    grads = torch.autograd.grad(loss, [p for p in wrapped.parameters() if p.requires_grad])
+    for m in adapted:
+        m.__class__ = LoraLinear  # peft's own forward: x cast to float32, then back to bf16 by autocast
+    kept_peft, loss_peft = retained_bytes(forward)
+    grads_peft = torch.autograd.grad(loss_peft, [p for p in wrapped.parameters() if p.requires_grad])
+    assert kept < kept_peft
+    torch.testing.assert_close(loss, loss_peft, rtol=0, atol=0)
+    for a, b in zip(grads, grads_peft, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped GEMM path of the low-rank products needs CUDA")
