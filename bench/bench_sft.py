@@ -439,7 +439,7 @@ def header(args, docs: list[int]) -> dict:
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     return {"machine": machine, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                              "peft": peft.__version__},
-            "preset": args.preset, "dtype": args.dtype, "packed": True, "max_length": args.max_length,
+            "preset": args.preset, "dtype": args.dtype, "packed": args.rows == "packed", "max_length": args.max_length,
             "micro_batch": args.micro, "steps": args.steps, "warmup_steps": args.warmup,
             "baseline_experts": BASELINE_EXPERTS,
             "rows": args.rows, "layers": args.layers, "full_finetuning": args.full,

@@ -48,3 +48,13 @@ def test_bench_sft_long_rows_full_finetuning_smoke(tmp_path):
     assert result["layers"] == 2 and result["align_tokens_per_s"] > 0 and result["micro_batch"] == "auto"
     assert result["documents"]["min"] == result["documents"]["max"] == result["max_length"] == 256
     assert "align_unpacked" not in result and "trl" not in result
+
+
+def test_bench_attention_smoke(tmp_path):
+    out = tmp_path / "attention.json"
+    run("bench_attention.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    for rows in result["lengths"].values():
+        assert set(rows) == {"product", "sdpa_math"}
+        for row in rows.values():
+            assert row["forward_s"] > 0 and row["forward_backward_s"] > 0 and row["max_rel_error_first_512"] < 1e-4
