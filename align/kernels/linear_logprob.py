@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.kernels.dispatch import require_contiguous_last_dim, triton_ready
+from align.kernels.dispatch import pow2_block, require_contiguous_last_dim, triton_ready
 
 CHUNK = 1024
 BLOCK = 4096  # vocabulary tile of the row kernels
@@ -98,7 +98,7 @@ def row_stats_triton(logits: torch.Tensor, t: torch.Tensor, temperature: float, 
     if rows:
         linear_logprob_triton.row_stats_kernel[(rows,)](
             logits, logits.stride(0), t.contiguous(), lse, logp, entropy, vocab, float(temperature),
-            ENTROPY=with_entropy, BLOCK=min(BLOCK, _pow2(vocab)), num_warps=8,
+            ENTROPY=with_entropy, BLOCK=min(BLOCK, pow2_block(vocab)), num_warps=8,
         )
     return lse, logp, entropy if with_entropy else None
 
@@ -118,13 +118,9 @@ def row_grad_triton(
     if rows:
         linear_logprob_triton.row_grad_kernel[(rows,)](
             logits, logits.stride(0), t.contiguous(), lse.float().contiguous(), scale, vocab, float(temperature),
-            BLOCK=min(BLOCK, _pow2(vocab)), num_warps=8,
+            BLOCK=min(BLOCK, pow2_block(vocab)), num_warps=8,
         )
     return logits
-
-
-def _pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -245,10 +241,17 @@ def linear_cross_entropy(
     """Causal-LM loss from final hidden states [B, S, H] and unshifted labels [B, S]: the mean (or the
     sum over `num_items_in_batch`) of -log p(labels[t+1] | ..t), as transformers' ForCausalLMLoss;
     gradients taken in the forward (linear_nll_sum)."""
-    targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]  # [B, S], shifted left
-    keep = targets != ignore_index
-    total = linear_nll_sum(hidden[keep], weight, targets[keep])  # [n] tokens -> scalar
-    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    index, targets = trained_positions(labels, ignore_index)
+    total = linear_nll_sum(hidden.flatten(0, 1).index_select(0, index), weight, targets)  # [n] tokens -> scalar
+    denom = num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1)
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
     return total / denom
+
+
+def trained_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels [B, S] -> (flat indices into B*S of the positions whose next label is trained [n], those
+    labels [n]): position t predicts label t + 1."""
+    targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1)  # [B*S], shifted left
+    index = (targets != ignore_index).nonzero().squeeze(1)  # [n]
+    return index, targets[index]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from align.kernels.linear_logprob import linear_nll_sum
+from align.kernels.linear_logprob import linear_nll_sum, trained_positions
 from data_tools.chat import IGNORE_INDEX
 
 
@@ -52,7 +52,7 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
         out = model(**batch, num_items_in_batch=n_items, return_logits=False)
         aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
         return out.loss - aux, aux
-    index, targets = trained_positions(batch["labels"])
+    index, targets = trained_positions(batch["labels"], IGNORE_INDEX)
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
     hidden = out.last_hidden_state.flatten(0, 1).index_select(0, index)  # [trained tokens, H]
     if fused_head(hidden, head):
@@ -62,14 +62,6 @@ def trained_token_loss(model, batch: dict, n_items: int, head=None) -> tuple[tor
         ce = F.cross_entropy(logits, targets, reduction="sum") / n_items
     aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
     return ce, aux
-
-
-def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """labels [B, S] -> (flat indices into B*S of the positions whose next label is trained [n], those
-    labels [n]): position t predicts label t + 1."""
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*S], shifted left
-    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [n]
-    return index, targets[index]
 
 
 @torch.no_grad()
