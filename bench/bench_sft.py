@@ -24,8 +24,9 @@ implementation); `--layers N`: the preset cut to its first N decoder layers (mod
 
 transformers + peft (the peer at its best built-in configuration): transformers' DeepseekV2ForCausalLM
 (sdpa, experts `grouped_mm`, no compile), the same LoRA config (align.train.lora), gradient checkpointing
-(non-reentrant; --peer-checkpointing true false also times it without), AdamW, --peer-micro rows per step
-(default --micro: align's configuration and the peers' can differ, each at its best); fed the very
+(non-reentrant; by default also timed without, --peer-checkpointing, and align compared with the faster),
+AdamW, --peer-micro rows per step (default --micro: align's configuration and the peers' can differ,
+each at its best); fed the very
 packed rows `align sft` trained on (align.train.sft.prepare_data) as transformers takes packed rows:
 input_ids, labels, position_ids, no attention mask; loss over all labelled positions by its own LM head.
 TRL: trl.SFTTrainer on chats.jsonl (packing, bfd, max_length 4096, which turns on its padding-free
@@ -230,6 +231,30 @@ def bench_transformers(rows: list[dict], tokens: list[int], args, checkpointing:
             "micro_batch": args.peer_micro, "gradient_checkpointing": checkpointing}
 
 
+def bench_transformers_settings(rows: list[dict], tokens: list[int], args, align_tps: float) -> dict:
+    """transformers + peft once per --peer-checkpointing value (the first is `transformers`, the baseline
+    of `speedup`; a setting that runs out of memory is recorded as such), and align's ratio to the fastest."""
+    out = {}
+    for i, value in enumerate(args.peer_checkpointing):
+        name = "transformers" if i == 0 else f"transformers_checkpointing_{str(value).lower()}"
+        try:
+            out[name] = bench_transformers(rows, tokens, args, value)
+        except torch.OutOfMemoryError as error:  # a configuration that does not fit is a result too
+            if i == 0:
+                raise
+            free(args.device)
+            out[name] = {"error": f"out of memory: {str(error).splitlines()[0]}", "micro_batch": args.peer_micro,
+                         "gradient_checkpointing": value}
+        print("transformers", json.dumps(out[name]), flush=True)
+    fastest = max((r for r in out.values() if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    return {**out, "baseline_tokens_per_s": out["transformers"]["tokens_per_s"],
+            "baseline_peak_gib": out["transformers"]["peak_gib"],
+            "speedup": align_tps / out["transformers"]["tokens_per_s"],
+            "fastest_transformers": {k: fastest[k] for k in ("tokens_per_s", "peak_gib", "micro_batch",
+                                                             "gradient_checkpointing")},
+            "speedup_vs_fastest_transformers": align_tps / fastest["tokens_per_s"]}
+
+
 def free(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -391,10 +416,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpointing", default="true", choices=["true", "false", "selective"],
                         help="align's train.gradient_checkpointing (the peers': --peer-checkpointing)")
     parser.add_argument("--peer-micro", type=int, default=None, help="the peers' rows per step (default --micro)")
-    parser.add_argument("--peer-checkpointing", nargs="+", default=["true"], choices=["true", "false"],
+    parser.add_argument("--peer-checkpointing", nargs="+", default=["true", "false"], choices=["true", "false"],
                         help="the peers' gradient checkpointing; transformers + peft runs once per value "
-                             "(the first is `transformers`, the others `transformers_checkpointing_<value>`), TRL "
-                             "with the first")
+                             "(the first is `transformers`, the others `transformers_checkpointing_<value>`; "
+                             "speedup_vs_fastest_transformers compares with the fastest), TRL with the first")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="align's train.compile (each decoder layer; default the product's auto: on for "
                              "align sft on CUDA; the peers are not compiled)")
@@ -485,19 +510,7 @@ def main() -> None:
                        "mfu_formula": "(6 * n_active + attention) FLOPs/token * tokens/s / 790e12"})
         if not args.align_only:
             result["documents_isolated"] = {"align": True, "transformers": documents_isolated()}
-            result["transformers"] = bench_transformers(rows, tokens, args, args.peer_checkpointing[0])
-            for value in args.peer_checkpointing[1:]:
-                try:
-                    extra = bench_transformers(rows, tokens, args, value)
-                except torch.OutOfMemoryError as error:  # a configuration that does not fit is a result too
-                    free(args.device)
-                    extra = {"error": f"out of memory: {str(error).splitlines()[0]}", "micro_batch": args.peer_micro}
-                result[f"transformers_checkpointing_{str(value).lower()}"] = extra
-                print("transformers", json.dumps(extra), flush=True)
-            result.update({"baseline_tokens_per_s": result["transformers"]["tokens_per_s"],
-                           "baseline_peak_gib": result["transformers"]["peak_gib"],
-                           "speedup": align_tps / result["transformers"]["tokens_per_s"]})
-            print("transformers", json.dumps(result["transformers"]), flush=True)
+            result.update(bench_transformers_settings(rows, tokens, args, align_tps))
         if not (args.align_only or args.skip_trl):
             isolated = result["documents_isolated"]
             isolated["trl"] = isolated["transformers"]  # the same model, fed position_ids

@@ -58,3 +58,15 @@ def test_bench_attention_smoke(tmp_path):
         assert set(rows) == {"product", "sdpa_math"}
         for row in rows.values():
             assert row["forward_s"] > 0 and row["forward_backward_s"] > 0 and row["max_rel_error_first_512"] < 1e-4
+
+
+def test_bench_sft_times_transformers_with_and_without_checkpointing(tmp_path):
+    """The peer at its best: transformers + peft with and without checkpointing, align against the faster."""
+    out = tmp_path / "sft.json"
+    run("bench_sft.py", "--smoke", "--skip-trl", "--skip-unpacked", "--peer-micro", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    runs = [result["transformers"], result["transformers_checkpointing_false"]]
+    assert [r["gradient_checkpointing"] for r in runs] == [True, False] and {r["micro_batch"] for r in runs} == {3}
+    fastest = max(r["tokens_per_s"] for r in runs)
+    assert result["fastest_transformers"]["tokens_per_s"] == fastest
+    assert result["speedup_vs_fastest_transformers"] == result["align_tokens_per_s"] / fastest
