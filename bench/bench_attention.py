@@ -6,9 +6,10 @@ python bench/bench_attention.py --lengths 4096 32768 131072 --out ...
 python bench/bench_attention.py --smoke --out /tmp/attention.json    # CPU: tiny shapes, math path only
 
 Candidates, each on the same q [1, h, L, 192], k [1, h, L, 192], v [1, h, L, 128]:
-- `product`: align.models.mla.sdpa without a mask, what a row of one document runs today (v zero-padded to
-  192 so SDPA's FlashAttention-2 kernel serves it);
-- `varlen`: align.kernels.varlen_attention on the row as one segment (packed rows' path; also pads v);
+- `product`: align.models.mla.sdpa without a mask, what a row of one document runs (on Hopper cuDNN's kernel
+  with v at 128, align.kernels.causal_attention; elsewhere SDPA's choice with v zero-padded to 192);
+- `varlen`: align.kernels.varlen_attention on the row as one segment (packed rows' path: FlashAttention-2,
+  v padded);
 - `sdpa_<backend>`: torch's SDPA restricted to one backend (flash with v padded; efficient and cuDNN with v
   at 128, which they take), i.e. what transformers' sdpa path may pick.
 A candidate that the backend refuses is reported with its error. Time: median of --repeats CUDA-event

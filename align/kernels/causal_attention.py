@@ -1,0 +1,49 @@
+"""Causal attention over whole rows ([B, h, S, d], no mask): cuDNN's fused kernel on Hopper, MLA's head sizes as
+they are.
+
+`causal_attention(q, k, v, scale)` takes q, k [B, h, S, qk] and v [B, h, S, vd] and returns [B, h, S, vd], token t
+of a row attending to tokens 0..t of the same row. On Hopper or newer in 16-bit it is aten's
+`_scaled_dot_product_cudnn_attention` (forward and backward, traced by torch.compile), which takes the 192-wide
+q·k and 128-wide v of MLA without padding v: measured on an H200 (bench/bench_attention.py), forward + backward
+at 4,096 / 32,768 tokens, 1.3x / 1.6x the rate of SDPA's own choice on v padded to 192 (align's path before),
+2.0x / 2.1x that of SDPA's FlashAttention-2.
+ALIGN_ATTENTION=flash turns it off (to measure). Elsewhere `causal_attention_reference`: SDPA, is_causal.
+Packed rows (several documents in a row) take align.kernels.varlen_attention instead: cuDNN's ragged
+variant in aten gave wrong gradients across segments and faulted at 32k tokens (torch 2.11, cuDNN 9.19).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_KERNEL = os.environ.get("ALIGN_ATTENTION", "auto")  # or "flash": SDPA's own choice on v padded
+# constants, not calls, so torch.compile does not break its graph on them
+_CUDNN_OP = bool(torch._C._has_cudnn) and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+
+
+def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k [B, h, S, qk], v [B, h, S, vd] -> [B, h, S, vd]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def cudnn_causal_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether cuDNN's kernel serves these: CUDA Hopper or newer, 16-bit, as many keys as queries, head
+    sizes at most 256 and multiples of 8, and the op in this torch."""
+    if _KERNEL == "flash" or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.shape[-2] != k.shape[-2] or max(q.shape[-1], v.shape[-1]) > 256 or (q.shape[-1] | v.shape[-1]) % 8:
+        return False
+    return _CUDNN_OP and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k [B, h, S, qk], v [B, h, S, vd] -> [B, h, S, vd], causal within each row."""
+    if not cudnn_causal_ready(q, k, v):
+        return causal_attention_reference(q, k, v, scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, grad, 0.0, True, False, scale=scale
+    )[0]
