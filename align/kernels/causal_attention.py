@@ -31,8 +31,11 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def cudnn_causal_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether cuDNN's kernel serves these: CUDA Hopper or newer, 16-bit, as many keys as queries, head
-    sizes at most 256 and multiples of 8, and the op in this torch."""
-    if _KERNEL == "flash" or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+    sizes at most 256 and multiples of 8, the op in this torch, deterministic algorithms off. Every check is
+    a constant or one dynamo folds, so a compiled layer keeps one graph."""
+    if _KERNEL == "flash" or torch.are_deterministic_algorithms_enabled():
+        return False  # cuDNN's backward is not deterministic (train.deterministic): SDPA decides, as before
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     if q.shape[-2] != k.shape[-2] or max(q.shape[-1], v.shape[-1]) > 256 or (q.shape[-1] | v.shape[-1]) % 8:
         return False

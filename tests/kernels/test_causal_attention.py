@@ -37,6 +37,27 @@ def test_reference_is_sdpa_causal_and_cpu_takes_it():
     torch.testing.assert_close(causal_attention_reference(q, k, v, 0.2), want)
 
 
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("mode", ["default", "deterministic"])
+def test_readiness_checks_keep_one_compiled_graph(mode, request):
+    """The checks run inside compiled decoder layers: a graph break there gave wrong gradients under full
+    checkpointing (issue 14's H200 run), so they must trace (fullgraph), in deterministic mode too."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    (q, k, v), _ = mla_like(1, 8, "cpu", torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: causal_attention(q, k, v, 0.2), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), causal_attention_reference(q, k, v, 0.2))
+
+
 def _cudnn_here() -> bool:
     if not torch.cuda.is_available():
         return False
@@ -72,3 +93,9 @@ def test_cudnn_compiled_equals_eager():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for got, want in zip(grads(compiled, leaves), grads(eager, leaves), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not _cudnn_here(), reason="cuDNN's attention path needs a Hopper-class GPU")
+def test_deterministic_mode_leaves_cudnn(deterministic):
+    (q, k, v), _ = mla_like(1, 64, "cuda", torch.bfloat16)
+    assert not cudnn_causal_ready(q, k, v)
