@@ -7,7 +7,10 @@ of a row attending to tokens 0..t of the same row. On Hopper or newer in 16-bit 
 q·k and 128-wide v of MLA without padding v: measured on an H200 (bench/bench_attention.py), forward + backward
 at 4,096 / 32,768 tokens, 1.3x / 1.6x the rate of SDPA's own choice on v padded to 192 (align's path before),
 2.0x / 2.1x that of SDPA's FlashAttention-2.
-ALIGN_ATTENTION=flash turns it off (to measure). Elsewhere `causal_attention_reference`: SDPA, is_causal.
+ALIGN_ATTENTION=flash turns it off (to measure). Elsewhere on CUDA: SDPA with v zero-padded to the q·k size, so
+PyTorch's flash kernel (which needs equal head sizes) runs instead of the math path (measured at V2-Lite shape on
+an H100, the math path, baddbmm + softmax, took about a quarter of a LoRA training step). On the CPU
+`causal_attention_reference`: SDPA, is_causal.
 Packed rows (several documents in a row) take align.kernels.varlen_attention instead: cuDNN's ragged
 variant in aten gave wrong gradients across segments and faulted at 32k tokens (torch 2.11, cuDNN 9.19).
 """
@@ -18,6 +21,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from align.kernels.dispatch import needs_autograd
 
 _KERNEL = os.environ.get("ALIGN_ATTENTION", "auto")  # or "flash": SDPA's own choice on v padded
 # constants, not calls, so torch.compile does not break its graph on them
@@ -44,9 +49,12 @@ def cudnn_causal_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q, k [B, h, S, qk], v [B, h, S, vd] -> [B, h, S, vd], causal within each row."""
-    if not cudnn_causal_ready(q, k, v):
-        return causal_attention_reference(q, k, v, scale)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, grad, 0.0, True, False, scale=scale
-    )[0]
+    if cudnn_causal_ready(q, k, v):
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, needs_autograd(q, k, v), 0.0, True, False, scale=scale
+        )[0]
+    v_dim = v.shape[-1]
+    if q.is_cuda and v_dim < q.shape[-1]:
+        padded = F.pad(v, (0, q.shape[-1] - v_dim))  # [B, h, S, qk]
+        return causal_attention_reference(q, k, padded, scale)[..., :v_dim]
+    return causal_attention_reference(q, k, v, scale)

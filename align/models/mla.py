@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.kernels.causal_attention import causal_attention, cudnn_causal_ready
+from align.kernels.causal_attention import causal_attention
 from align.kernels.mla_decode import latent_attention, write_latent
 from align.kernels.rope import apply_rope
 from align.kernels.varlen_attention import varlen_attention
@@ -162,18 +162,8 @@ def segment_attention(
 def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """SDPA over [B, h, S, d] tensors; mask None = causal.
-
-    Without a mask on Hopper in 16-bit: cuDNN's kernel (align.kernels.causal_attention). Elsewhere on CUDA
-    without a mask, v is zero-padded to the q/k head size so PyTorch's flash kernel (which
-    needs equal head sizes) runs instead of the math path: measured at V2-Lite shape on an H100,
-    the math path (baddbmm + softmax) took about a quarter of a LoRA training step.
-    """
-    if mask is None and cudnn_causal_ready(q, k, v):
+    """SDPA over [B, h, S, d] tensors; mask None = causal (align.kernels.causal_attention: cuDNN on Hopper,
+    elsewhere on CUDA v padded for SDPA's flash kernel)."""
+    if mask is None:
         return causal_attention(q, k, v, scale)  # [B, h, S, v]
-    v_dim = v.shape[-1]
-    pad = q.is_cuda and mask is None and v_dim < q.shape[-1]
-    if pad:
-        v = F.pad(v, (0, q.shape[-1] - v_dim))  # [B, h, S, qk]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return out[..., :v_dim] if pad else out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
