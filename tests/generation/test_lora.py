@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -18,9 +20,19 @@ PROMPTS = [[0, 21, 22, 23, 24], [0, 50], [0, 7, 8, 9, 10, 11, 12, 13]]
 TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """peft draws lora_A from the global RNG: seed it for the block (and put it back), so the adapters a
+    test checks do not depend on which tests ran before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def peft_model(seed: int = 5, **config):
     model = build_model("tiny", seed=seed).eval()
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **config))
+    with seeded(seed):
+        wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
@@ -106,7 +118,8 @@ def product_lora(seed: int, routed_experts: bool = False):
     from align.train.lora import apply_lora, lora_config
 
     model = build_model("tiny", seed=seed).eval()
-    wrapped = apply_lora(model, lora_config(model, r=4, alpha=8, routed_experts=routed_experts))  # split LoRA
+    with seeded(seed):
+        wrapped = apply_lora(model, lora_config(model, r=4, alpha=8, routed_experts=routed_experts))  # split LoRA
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
