@@ -19,6 +19,8 @@ PyTorch references (`logits_stats_reference`, `logits_grad_reference`, float32 [
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +125,30 @@ def row_grad_triton(
     return logits
 
 
+@functools.cache
+def _addmm_accumulates(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether addmm with a float32 output accumulates 16-bit products in place here (probed once)."""
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device=device)
+        acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool((acc == 17).all())
+
+
+def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc [m, n] float32 or wider, a [m, k], b [k, n]. 16-bit products on CUDA accumulate
+    inside the GEMM (addmm's float32 output, beta 1): no [m, n] product to cast and add, which for a
+    trainable LM head (m, n = vocab, hidden) is two passes over its gradient per chunk."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype != acc.dtype and \
+            _addmm_accumulates(acc.device, a.dtype):
+        with torch.autocast("cuda", enabled=False):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    acc += (a @ b).to(acc.dtype)
+
+
 class LinearLogprobs(torch.autograd.Function):
     """The backward runs under the forward's autocast state (custom_fwd / custom_bwd), so mixed dtypes
     that autocast reconciled in the forward (float32 hidden states, bf16 head) meet the same casts."""
@@ -161,7 +187,7 @@ class LinearLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).to(acc)
+                add_product_(grad_weight, grad_logits.T, h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -190,7 +216,7 @@ class LinearNLLSum(torch.autograd.Function):
                 if want_hidden:
                     grad_hidden[sl] = grad_logits @ weight
                 if want_weight:
-                    grad_weight += (grad_logits.T @ h).to(acc)
+                    add_product_(grad_weight, grad_logits.T, h)
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))

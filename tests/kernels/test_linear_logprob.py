@@ -209,3 +209,23 @@ def test_kernel_path_of_nll_and_logprobs_matches_the_reference_path():
         results.append([t.float() for t in (nll, g_nll, logp, ent, g_lp)])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="addmm's float32 output: CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_product_accumulates_16bit_products_inside_the_gemm(dtype):
+    """The LM head's weight gradient, chunk by chunk: acc += grad_logits.T @ h with the float32 sum kept
+    inside the GEMM (the fused path must be the one that runs here), against float64."""
+    from align.kernels.linear_logprob import _addmm_accumulates, add_product_
+
+    assert _addmm_accumulates(torch.device("cuda", torch.cuda.current_device()), dtype)
+    gen = torch.Generator().manual_seed(11)
+    acc = torch.randn(300, 32, generator=gen).cuda()
+    want = acc.double()
+    for _ in range(3):
+        grad_logits, h = (torch.randn(64, n, generator=gen).cuda().to(dtype) for n in (300, 32))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            add_product_(acc, grad_logits.T, h)
+        want += grad_logits.double().T @ h.double()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
