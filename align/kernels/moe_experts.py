@@ -70,7 +70,13 @@ def _tail_fuses(
     without low-rank updates (its weight gradient would need the [T*k, I] activations ExpertTail drops)."""
     if not (triton_ready(x, half=True) and needs_autograd(x, weights, gate_up_proj)):
         return False
-    return down_proj.dtype == x.dtype and not down_proj.requires_grad and not updates.get("down_proj")
+    return down_proj.dtype == x.dtype and not down_proj.requires_grad and _update_count(updates, "down_proj") == 0
+
+
+def _update_count(updates: ExpertUpdates, name: str | None = None) -> int:
+    """How many low-rank updates (of `name`, or of any weight). Counted with len: dynamo (torch 2.11) cannot
+    trace `not` on a tuple, and a graph break inside a compiled, checkpointed layer is what to avoid."""
+    return sum(len(v) for key, v in updates.items() if name in (None, key))
 
 
 def combine(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -89,7 +95,7 @@ def _expert_mlp(
     updates: ExpertUpdates,
 ) -> torch.Tensor:
     """x [T, H], source [N], ends [E] int32 -> [N, H] in x's dtype: the MLP of the sorted rows."""
-    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS and not any(updates.values())
+    same = gate_up_proj.dtype == x.dtype and x.shape[0] <= MAX_TOKENS and _update_count(updates) == 0
     if same and kernel_path(x, gate_up_proj, down_proj, half=True):
         return _expert_mlp_triton(x, source, ends, gate_up_proj, down_proj)
     return expert_mlp_reference(x, source, ends, gate_up_proj, down_proj, updates)

@@ -183,3 +183,24 @@ def test_routed_experts_takes_the_tail_only_for_a_frozen_down_proj():
     want = torch.autograd.grad(trained.float().square().sum(), [x, weights])
     for ours, ref in zip(grads, want, strict=True):
         torch.testing.assert_close(ours.float() / ref.abs().max(), ref.float() / ref.abs().max(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("adapted", [(), ("gate_up_proj",), ("gate_up_proj", "down_proj")])
+def test_training_dispatch_traces_in_one_graph_with_expert_adapters(monkeypatch, adapted):
+    """Which routed-experts path a training call takes, with LoRA updates on the experts, compiles without a
+    graph break (fullgraph), as on the GPU (triton_ready patched true here). `not` on the updates' tuple broke
+    each compiled MoE layer's graph with lora.routed_experts on (found on an H200, torch 2.11; 2.13 too)."""
+    from align.kernels import moe_experts
+    from align.kernels.grouped_mm import LowRank
+
+    monkeypatch.setattr(moe_experts, "triton_ready", lambda t, half=False: True)
+    x = torch.randn(4, 8, requires_grad=True)
+    weights, gate_up, down = torch.rand(4, 2), torch.randn(3, 6, 8), torch.randn(3, 8, 3)
+    low = LowRank(torch.randn(3, 2, 8), torch.randn(3, 6, 2), 0.5)
+    updates = {name: (low,) for name in adapted}
+
+    def decide(x, weights, gate_up, down, updates):
+        return moe_experts._tail_fuses(x, weights, gate_up, down, updates), moe_experts._update_count(updates)
+
+    compiled = torch.compile(decide, fullgraph=True, backend="eager")
+    assert compiled(x, weights, gate_up, down, updates) == ("down_proj" not in adapted, len(adapted))

@@ -184,3 +184,53 @@ def test_compiled_checkpointed_layers_with_a_routing_trace_on_cuda():
         assert layers == eager_layers > 0
         torch.testing.assert_close(loss, eager_loss, rtol=2e-2, atol=0)
         assert (compiled - eager).norm() < 0.05 * eager.norm(), ((compiled - eager).norm(), eager.norm())
+
+
+def graph_breaks_of_a_step(
+    model, device: str, packed: bool, mode=True, backend: str = "inductor"
+) -> tuple[dict, int]:
+    """One training step of model with every decoder layer compiled (and checkpointed as mode says; true is
+    `align sft`'s default): dynamo's graph-break reasons and the number of graphs it compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    set_layer_forward(model, mode, compile_layer_runner(run_layer, backend=backend))
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(2)).to(device)
+    positions = torch.cat([torch.arange(20), torch.arange(28)]).expand(2, 48).to(device) if packed else None
+    with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        loss = model(ids, position_ids=positions, labels=ids, return_logits=False).loss
+    loss.backward()
+    return dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor and the bf16 Triton / cuDNN paths need a GPU")
+@pytest.mark.parametrize("packed", [False, True], ids=["whole_rows", "packed"])
+def test_compiled_layers_are_one_graph_each_on_cuda(packed):
+    """Each compiled decoder layer (the dense one and the MoE ones; LoRA, bf16 under autocast) traces as one
+    graph on the GPU paths: whole rows (cuDNN attention) and packed rows (varlen). A break inside a layer
+    under full checkpointing once gave wrong adapter gradients (a cudnn.is_available() call in the
+    attention dispatch)."""
+    breaks, graphs = graph_breaks_of_a_step(tiny_model(True, torch.bfloat16).cuda(), "cuda", packed)
+    assert not breaks, breaks
+    assert graphs >= 2  # a dense layer and a MoE layer
+
+
+def test_graph_break_count_sees_a_break():
+    """The counter the GPU test reads reports a break put inside the compiled layers (so that test can fail;
+    the CPU's reference paths have breaks of their own, hence the comparison; not checkpointed: a break at
+    the top of a checkpointed compiled layer makes its recompute differ, torch's CheckpointError)."""
+    model = tiny_model(False, torch.float32)
+    before, _ = graph_breaks_of_a_step(model, "cpu", packed=False, mode=False, backend="aot_eager")
+    forward = DecoderLayer.forward
+
+    def with_break(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+
+    DecoderLayer.forward = with_break
+    try:
+        breaks, _ = graph_breaks_of_a_step(model, "cpu", packed=False, mode=False, backend="aot_eager")
+    finally:
+        DecoderLayer.forward = forward
+    assert set(breaks) - set(before), (breaks, before)
