@@ -355,7 +355,7 @@ def profile_product(recipe: Path, run_dir: Path, segments: bool, device: str) ->
             shutil.rmtree(run_dir, ignore_errors=True)
     events = prof.key_averages()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:40]
     total = sum(getattr(e, key) for e in events) / 2
     reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense") / 2  # .item() etc, CPU or GPU
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / 2
@@ -412,7 +412,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--align-only", action="store_true")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-unpacked", action="store_true", help="no unpacked equal-length run")
-    parser.add_argument("--profile", action="store_true", help="profile the product step, dense mask and segments")
+    parser.add_argument("--profile", nargs="?", const="both", default=None, choices=["both", "segments"],
+                        help="profile the product step (top 40 kernels): dense mask and segments, or segments only")
     parser.add_argument("--checkpointing", default="true", choices=["true", "false", "selective"],
                         help="align's train.gradient_checkpointing (the peers': --peer-checkpointing)")
     parser.add_argument("--peer-micro", type=int, default=None, help="the peers' rows per step (default --micro)")
@@ -520,7 +521,7 @@ def main() -> None:
             print("trl", json.dumps(result["trl"]), flush=True)
         if args.profile:
             result["profile"] = [profile_product(work / "align.yaml", work / f"profile-{on}", on, args.device)
-                                 for on in (False, True)]
+                                 for on in ((True,) if args.profile == "segments" else (False, True))]
             for entry in result["profile"]:
                 print(json.dumps(entry, indent=1), flush=True)
     with open(args.out, "w") as f:
