@@ -74,8 +74,9 @@ def _tail_fuses(
 
 
 def _update_count(updates: ExpertUpdates, name: str | None = None) -> int:
-    """How many low-rank updates (of `name`, or of any weight). Counted with len: dynamo (torch 2.11) cannot
-    trace `not` on a tuple, and a graph break inside a compiled, checkpointed layer is what to avoid."""
+    """How many low-rank updates (of `name`, or of any weight). Counted with len: dynamo (torch 2.11 to 2.13)
+    cannot trace `not` on a tuple holding tensors, and a graph break inside a compiled, checkpointed layer is
+    what to avoid."""
     return sum(len(v) for key, v in updates.items() if name in (None, key))
 
 
