@@ -10,6 +10,8 @@ vocab 102400 = 400 MiB) instead of [N, V] logits plus their gradient (N = 8192: 
 is a sum whose gradient is known there up to the incoming scalar, so each chunk's logits give the loss
 term and (softmax - onehot) @ W at once, and backward only scales what the forward kept (an [N, H]
 gradient in place of the [N, H] hidden states): the LM head is multiplied once per step, not twice.
+A trainable head's weight gradient is summed over the chunks in float32 inside the GEMM on CUDA
+(`add_product_`).
 
 Per chunk, what follows the head GEMM (log-sum-exp, the target's log-prob, the entropy; softmax - onehot,
 scaled) is `logits_stats` / `logits_grad`: on CUDA two Triton kernels that read the GEMM's 16-bit logits
