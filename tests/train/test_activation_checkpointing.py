@@ -216,7 +216,7 @@ def test_compiled_layers_are_one_graph_each_on_cuda(packed):
     assert graphs >= 2  # a dense layer and a MoE layer
 
 
-def test_graph_break_count_sees_a_break():
+def test_graph_break_count_sees_a_break(monkeypatch):
     """The counter the GPU test reads reports a break put inside the compiled layers (so that test can fail;
     the CPU's reference paths have breaks of their own, hence the comparison; not checkpointed: a break at
     the top of a checkpointed compiled layer makes its recompute differ, torch's CheckpointError)."""
@@ -228,9 +228,6 @@ def test_graph_break_count_sees_a_break():
         torch._dynamo.graph_break()
         return forward(self, *args, **kwargs)
 
-    DecoderLayer.forward = with_break
-    try:
-        breaks, _ = graph_breaks_of_a_step(model, "cpu", packed=False, mode=False, backend="aot_eager")
-    finally:
-        DecoderLayer.forward = forward
+    monkeypatch.setattr(DecoderLayer, "forward", with_break)
+    breaks, _ = graph_breaks_of_a_step(model, "cpu", packed=False, mode=False, backend="aot_eager")
     assert set(breaks) - set(before), (breaks, before)
